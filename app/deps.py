@@ -1,0 +1,29 @@
+"""What the handlers need, built once at startup and handed out as typed dependencies."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from celery import Celery
+from fastapi import Depends, Request
+
+from core.settings import Settings
+from core.store import TaskStore
+from prompts import ChatFormatter
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: TaskStore
+    celery: Celery
+    formatter: ChatFormatter
+    context_window: int
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,25 @@
+"""Errors the API turns into clear answers instead of 500s."""
+
+import kombu.exceptions
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+REDIS_DOWN = "the task queue (Redis) is unreachable; try again shortly"
+
+
+def field_error(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+    """A 422 in FastAPI's own shape, naming the body field at fault."""
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+def install(app: FastAPI) -> None:
+    """Redis being down is the one outage the API expects: answer 503, never hang or 500."""
+
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": REDIS_DOWN}, headers={"Retry-After": "5"})
+
+    app.add_exception_handler(redis.RedisError, _redis_down)
+    app.add_exception_handler(kombu.exceptions.OperationalError, _redis_down)
+

@@ -1,0 +1,164 @@
+"""Every wire shape, defined once: what clients send, what the worker stores, what pollers read.
+
+Limits that do not depend on settings live in the types; the configured ones (max_new_tokens,
+context window) are checked by the API against the settings.
+"""
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Role(StrEnum):
+    system = "system"
+    user = "user"
+    assistant = "assistant"
+
+
+class ChatMessage(BaseModel):
+    role: Role
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """A prompt or a conversation, and how to sample the answer (None means the server default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    system_prompt: str | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, description="0 means greedy decoding.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' is blank")
+        if any(not s for s in self.stop):
+            raise ValueError("'stop' strings must not be empty")
+        if self.messages is not None:
+            _check_roles(self.messages, has_system_prompt=self.system_prompt is not None)
+        return self
+
+    def conversation(self) -> list[ChatMessage]:
+        """The request as messages, whichever way it was given."""
+        if self.messages is not None:
+            return self.messages
+        return [ChatMessage(role=Role.user, content=self.prompt or "")]
+
+
+def _check_roles(messages: list[ChatMessage], has_system_prompt: bool) -> None:
+    """An optional system message first, then user and assistant turns alternating, ending with the user."""
+    turns = messages
+    if turns[0].role == Role.system:
+        if has_system_prompt:
+            raise ValueError("'messages' has a system message and 'system_prompt' is set: give only one")
+        turns = turns[1:]
+    if not turns:
+        raise ValueError("'messages' must contain a user message after the system message")
+    for i, message in enumerate(turns):
+        expected = Role.user if i % 2 == 0 else Role.assistant
+        if message.role != expected:
+            raise ValueError(
+                f"'messages' roles must alternate user/assistant after an optional system message: "
+                f"turn {i + 1} is '{message.role}', expected '{expected}'"
+            )
+    if turns[-1].role != Role.user:
+        raise ValueError("'messages' must end with a user message")
+
+
+class GenerateAccepted(BaseModel):
+    task_id: str
+    status_url: str
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TaskStatus.succeeded, TaskStatus.failed)
+
+
+FinishReason = Literal["eos", "length", "stop"]
+
+
+class Chunk(BaseModel):
+    cursor: str = Field(description="Pass as ?after= to get only later chunks.")
+    text: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queued_s: float
+    time_to_first_token_s: float | None
+    generation_s: float
+    tokens_per_second: float
+    total_s: float
+
+
+class MemoryStats(BaseModel):
+    device: str
+    model_weight_bytes: int
+    peak_bytes: int = Field(description="CUDA peak allocated during the task on GPU; process peak RSS on CPU.")
+
+
+class GenerationResult(BaseModel):
+    """What a worker stores when a task succeeds."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    memory: MemoryStats
+    model: str
+    worker: str
+
+
+class TaskView(BaseModel):
+    """What `GET /task/{id}` answers: progress always, the result fields once finished."""
+
+    task_id: str
+    status: TaskStatus
+    text: str = Field(description="All text generated so far.")
+    chunks: list[Chunk] = Field(description="Chunks after the requested cursor, oldest first.")
+    cursor: str = Field(description="The cursor to pass as ?after= next time.")
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    memory: MemoryStats | None = None
+    model: str | None = None
+    worker: str | None = None
+    error: str | None = None
+
+
+class ComponentHealth(BaseModel):
+    ok: bool
+    detail: str
+
+
+class HealthReport(BaseModel):
+    ok: bool
+    api: ComponentHealth
+    redis: ComponentHealth
+    workers: ComponentHealth
+
+
+class ErrorBody(BaseModel):
+    detail: str

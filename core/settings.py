@@ -1,0 +1,55 @@
+"""The one settings object: environment variables first, then `.env`, then these defaults."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # Where things run.
+    redis_url: str = "redis://localhost:6379/0"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = Field("", description="Base URL clients use; empty means http://{api_host}:{api_port}.")
+    log_level: str = "INFO"
+
+    # The model.
+    model_id: str = Field(EMBEDDED_MODEL, description="'embedded' (SmolLM2-135M-Instruct), a Hub id or a local folder.")
+    hf_token: SecretStr | None = None
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_cache_dir: Path = Path(".cache/models")
+    prompt_format: Literal["auto", "llama2", "template"] = "auto"
+    context_window: int | None = Field(None, ge=16, description="Tokens; empty means the model config's value.")
+    default_system_prompt: str = "You are a helpful assistant."
+
+    # Generation defaults and limits.
+    default_max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    default_temperature: float = Field(0.6, ge=0)
+    default_top_p: float = Field(0.9, gt=0, le=1)
+    default_top_k: int = Field(50, ge=0)
+    default_repetition_penalty: float = Field(1.0, gt=0)
+
+    # Worker and streaming.
+    worker_concurrency: int = Field(1, ge=1)
+    stream_flush_tokens: int = Field(4, ge=1, description="Publish a chunk after this many new tokens...")
+    stream_flush_ms: int = Field(100, ge=0, description="...or after this many milliseconds, whichever comes first.")
+    result_ttl_s: int = Field(86_400, ge=60, description="How long chunks and results stay in Redis.")
+
+    @property
+    def base_url(self) -> str:
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,63 @@
+"""`make run`: Redis (REDIS_URL if it answers, else a local redis-server), one worker and the API.
+
+Ctrl-C stops them all. Logs go to the terminal; Redis data lives under ./var/redis.
+"""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core.settings import get_settings
+from devstack.redis_server import answers, start_redis
+
+log = logging.getLogger("devstack")
+VAR = Path("var")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = get_settings()
+    processes: list[subprocess.Popen] = []
+    try:
+        if answers(settings.redis_url):
+            log.info("using the Redis at REDIS_URL")
+        else:
+            log.info("starting redis-server (data in %s)", VAR / "redis")
+            processes.append(start_redis(settings.redis_url, VAR / "redis", VAR / "redis.log"))
+        processes.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"]))
+        api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.api_host, "--port", str(settings.api_port)]
+        processes.append(subprocess.Popen(api))
+        log.info("API on %s; Ctrl-C stops everything", settings.base_url)
+        return _wait(processes)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(processes)
+
+
+def _wait(processes: list[subprocess.Popen]) -> int:
+    """Until Ctrl-C, or until one of the processes exits on its own (which stops the rest)."""
+    while True:
+        for process in processes:
+            if process.poll() is not None:
+                log.error("%s exited with code %s; stopping", process.args[:3], process.returncode)
+                return 1
+        time.sleep(0.5)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in reversed(processes):
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Polling helpers for the end-to-end tests: every wait has a deadline."""
+
+import time
+
+import httpx
+
+from core.protocol import TaskView
+
+POLL_TIMEOUT_S = 180
+
+
+def submit(client: httpx.Client, **body: object) -> str:
+    response = client.post("/generate", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["task_id"]
+
+
+def poll_until_finished(client: httpx.Client, task_id: str, interval_s: float = 0.02) -> tuple[TaskView, list[TaskView]]:
+    """Poll with cursors as a client would; returns the final view and every view seen."""
+    seen: list[TaskView] = []
+    cursor = "0-0"
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while time.monotonic() < deadline:
+        response = client.get(f"/task/{task_id}", params={"after": cursor})
+        assert response.status_code == 200, response.text
+        view = TaskView.model_validate(response.json())
+        seen.append(view)
+        cursor = view.cursor
+        if view.status.finished:
+            return view, seen
+        time.sleep(interval_s)
+    raise TimeoutError(f"task {task_id} did not finish in {POLL_TIMEOUT_S} s")

@@ -1,0 +1,39 @@
+"""The Celery app and its configuration, importable without torch (the API sends tasks through it).
+
+The worker imports `worker.tasks` itself (`include`), so the API process never loads the model
+code. Tasks travel as json only. A task is acknowledged only after it ends, so a worker that
+dies mid-generation leaves it in the queue for another worker.
+"""
+
+from celery import Celery
+
+from core.settings import get_settings
+
+GENERATE_TASK = "generate"
+QUEUE = "chat"
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("chat", broker=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 2 * 3600},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery()

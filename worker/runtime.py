@@ -1,0 +1,106 @@
+"""What one worker process owns (engine, prompt formatter, task store) and how it runs one task.
+
+Kept free of Celery so it can be driven directly; `worker.tasks` is the thin Celery shell.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from core.protocol import GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
+from core.settings import Settings
+from core.store import TaskStore
+from model_loader.engine import Engine, FlushPolicy, Outcome, SamplingParams
+from model_loader.loader import load_model
+from model_loader.source import model_dir
+from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
+
+log = logging.getLogger(__name__)
+
+
+def sampling_params(request: GenerateRequest, settings: Settings) -> SamplingParams:
+    """The request's sampling choices with the server defaults filled in, in one place."""
+
+    def pick(value, default):  # type: ignore[no-untyped-def]
+        return default if value is None else value
+
+    return SamplingParams(
+        max_new_tokens=pick(request.max_new_tokens, settings.default_max_new_tokens),
+        temperature=pick(request.temperature, settings.default_temperature),
+        top_p=pick(request.top_p, settings.default_top_p),
+        top_k=pick(request.top_k, settings.default_top_k),
+        repetition_penalty=pick(request.repetition_penalty, settings.default_repetition_penalty),
+        seed=request.seed,
+        stop=tuple(request.stop),
+    )
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    engine: Engine
+    formatter: ChatFormatter
+    context_window: int
+    store: TaskStore
+
+    @classmethod
+    def start(cls, settings: Settings) -> "WorkerRuntime":
+        """Load the model once for this process."""
+        loaded = load_model(settings)
+        folder = model_dir(settings)
+        flush = FlushPolicy(every_tokens=settings.stream_flush_tokens, every_s=settings.stream_flush_ms / 1000)
+        return cls(
+            settings=settings,
+            engine=Engine(loaded, flush),
+            formatter=load_formatter(folder, settings.prompt_format, loaded.name),
+            context_window=context_window(folder, settings.context_window),
+            store=TaskStore(redis.Redis.from_url(settings.redis_url), settings.result_ttl_s),
+        )
+
+    def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
+        """Generate one answer, streaming chunks to the store; any failure ends the task `failed`."""
+        started_at = time.time()
+        self.store.mark_running(task_id, worker)
+        try:
+            outcome = self._generate(task_id, request)
+        except PromptTooLong as exc:
+            self.store.fail(task_id, str(exc))
+            return
+        except Exception as exc:
+            log.exception("task %s failed", task_id)
+            self.store.fail(task_id, f"generation failed on worker {worker}: {type(exc).__name__}: {exc}")
+            return
+        enqueued_at = self.store.enqueued_at(task_id) or started_at
+        self.store.succeed(task_id, self._result(outcome, worker, enqueued_at, started_at))
+
+    def _generate(self, task_id: str, request: GenerateRequest) -> Outcome:
+        params = sampling_params(request, self.settings)
+        prompt = build_prompt(
+            self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
+        )
+        return self.engine.generate(
+            prompt.input_ids, params, on_chunk=lambda text: self.store.append_chunk(task_id, text)
+        )
+
+    def _result(self, outcome: Outcome, worker: str, enqueued_at: float, started_at: float) -> GenerationResult:
+        loaded = self.engine.loaded
+        now = time.time()
+        return GenerationResult(
+            text=outcome.text,
+            finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens),
+            timings=Timings(
+                queued_s=max(0.0, started_at - enqueued_at),
+                time_to_first_token_s=outcome.time_to_first_token_s,
+                generation_s=outcome.generation_s,
+                tokens_per_second=outcome.completion_tokens / outcome.generation_s if outcome.generation_s else 0.0,
+                total_s=now - enqueued_at,
+            ),
+            memory=MemoryStats(
+                device=str(loaded.device), model_weight_bytes=loaded.weight_bytes, peak_bytes=outcome.peak_bytes
+            ),
+            model=loaded.name,
+            worker=worker,
+        )

@@ -1,0 +1,30 @@
+"""The Celery task: a few lines that unpack the payload and hand it to the process's runtime."""
+
+from functools import cached_property
+
+from celery import Task
+from celery.signals import worker_init
+
+from core.protocol import GenerateRequest
+from core.settings import get_settings
+from worker.celery_app import GENERATE_TASK, app
+from worker.runtime import WorkerRuntime
+
+
+class GenerationTask(Task):
+    """Holds the process's one runtime, and so its one model."""
+
+    @cached_property
+    def runtime(self) -> WorkerRuntime:
+        return WorkerRuntime.start(get_settings())
+
+
+@app.task(name=GENERATE_TASK, base=GenerationTask, bind=True)
+def generate(self: GenerationTask, request: dict) -> None:
+    self.runtime.run(self.request.id, GenerateRequest.model_validate(request), worker=self.request.hostname or "")
+
+
+@worker_init.connect
+def _load_model_at_start(**_: object) -> None:
+    """Load before consuming (the threads pool shares this process), so no task pays for it."""
+    generate.runtime  # noqa: B018
