@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.model_footprint
+	$(PY) -m bench.model
 
 clean:
 	rm -rf var .cache

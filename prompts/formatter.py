@@ -1,0 +1,42 @@
+"""Which chat format a model gets, and how many tokens its context holds."""
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from core.protocol import ChatMessage
+from prompts.llama2 import Llama2Formatter
+from prompts.template import TemplateFormatter
+
+
+class ChatFormatter(Protocol):
+    def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
+        """Prompt ids for user/assistant turns that alternate and end with the user; the system prompt comes apart."""
+        ...
+
+
+def load_formatter(model_dir: Path, prompt_format: str, model_name: str) -> ChatFormatter:
+    """The format `prompt_format` names; "auto" picks Llama-2's for Llama-2 models, whose templates differ by repo."""
+    if prompt_format == "auto":
+        prompt_format = "llama2" if _is_llama2(model_name) else "template"
+    if prompt_format == "llama2":
+        return Llama2Formatter.from_dir(model_dir)
+    if prompt_format == "template":
+        return TemplateFormatter.from_dir(model_dir)
+    raise ValueError(f"unknown prompt format {prompt_format!r}: expected 'auto', 'llama2' or 'template'")
+
+
+def _is_llama2(model_name: str) -> bool:
+    name = model_name.lower()
+    return "llama-2" in name or "llama2" in name
+
+
+def context_window(model_dir: Path, override: int | None) -> int:
+    """`override` when set, else the model's max_position_embeddings from config.json."""
+    if override is not None:
+        return override
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    window = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    if not isinstance(window, int):
+        raise ValueError(f"{model_dir}/config.json has no max_position_embeddings; set CONTEXT_WINDOW")
+    return window

@@ -1,0 +1,267 @@
+"""The command-line client: submit a prompt, print the answer as it grows, then the task's stats.
+
+    python run_client.py "Why is the sky blue?"
+    echo "Why is the sky blue?" | python run_client.py
+    python run_client.py --chat --system "Answer in one sentence."
+
+The answer goes to stdout and everything else (stats, errors) to stderr, so the answer can be
+piped. Exit codes: 0 done, 1 the task failed, 2 the server is unreachable, 3 the request was
+rejected, 4 timed out, 130 interrupted.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import httpx
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from core.protocol import ChatMessage, ErrorBody, GenerateAccepted, GenerateRequest, Role, TaskStatus, TaskView
+from core.settings import get_settings
+
+EXIT_INTERRUPTED = 130
+REQUEST_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class ClientError(Exception):
+    """A failure the user must hear about; the subclass decides the exit code."""
+
+    exit_code = 1
+
+
+class TaskFailed(ClientError):
+    """The worker reported an error, or the task could not be read back."""
+
+
+class Unreachable(ClientError):
+    exit_code = 2
+
+
+class Rejected(ClientError):
+    exit_code = 3
+
+
+class TimedOut(ClientError):
+    exit_code = 4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options, with the prompt read from stdin when piped; settings are read here, not at import."""
+    parser = argparse.ArgumentParser(
+        description="Send a prompt to the queued chat API and print the answer as it is generated.",
+        epilog="Exit codes: 0 done, 1 task failed, 2 server unreachable, 3 request rejected, 4 timed out, "
+        "130 interrupted.",
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted and stdin is piped")
+    parser.add_argument("--chat", action="store_true", help="interactive conversation; /exit or EOF ends it")
+    parser.add_argument("--url", default=get_settings().base_url, help="API base URL (default: %(default)s)")
+    parser.add_argument("--system", help="system prompt (default: the server's)")
+    parser.add_argument("--max-tokens", type=int, help="most new tokens to generate (default: the server's)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 is greedy (default: the server's)")
+    parser.add_argument("--poll-interval", type=_positive, default=0.1, help="seconds between polls (default: 0.1)")
+    parser.add_argument("--timeout", type=_positive, default=600, help="seconds to wait for each answer (default: 600)")
+    options = parser.parse_args(argv)
+    if options.chat and options.prompt is not None:
+        parser.error("give a prompt or --chat, not both")
+    if not options.chat and options.prompt is None:
+        if sys.stdin.isatty():
+            parser.error("give a prompt, pipe one on stdin, or use --chat")
+        options.prompt = sys.stdin.read()
+    options.url = options.url.rstrip("/")
+    return options
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def build_request(
+    options: argparse.Namespace, prompt: str | None = None, messages: list[ChatMessage] | None = None
+) -> dict:
+    """Validated here with the server's own model, so a bad option fails before anything is sent."""
+    try:
+        request = GenerateRequest(
+            prompt=prompt,
+            messages=messages,
+            system_prompt=options.system,
+            max_new_tokens=options.max_tokens,
+            temperature=options.temperature,
+        )
+    except ValidationError as exc:
+        raise Rejected(f"invalid request: {_describe_errors(exc.errors())}") from None
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+def _send(client: httpx.Client, method: str, path: str, **kwargs: object) -> httpx.Response:
+    """Every call goes through here, so any network failure reads as 'unreachable' with the URL."""
+    try:
+        return client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        url = str(client.base_url).rstrip("/")
+        raise Unreachable(f"cannot reach the server at {url} ({type(exc).__name__}: {exc})") from None
+
+
+def submit(client: httpx.Client, body: dict) -> str:
+    """POST /generate; the task id on 202, Rejected with the server's reason otherwise."""
+    response = _send(client, "POST", "/generate", json=body)
+    if response.status_code != httpx.codes.ACCEPTED:
+        raise Rejected(f"the server rejected the request (HTTP {response.status_code}): {error_detail(response)}")
+    return GenerateAccepted.model_validate(response.json()).task_id
+
+
+def poll(client: httpx.Client, task_id: str, interval_s: float, timeout_s: float) -> Iterator[TaskView]:
+    """Each answer of GET /task/{id}, passing the cursor back so that each holds only new chunks."""
+    deadline = time.monotonic() + timeout_s
+    params: dict[str, str] = {}
+    while True:
+        view = fetch(client, task_id, params)
+        yield view
+        if view.status.finished:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimedOut(f"gave up after {timeout_s:g} s; task {task_id} is still {view.status}")
+        params = {"after": view.cursor}
+        time.sleep(min(interval_s, remaining))
+
+
+def fetch(client: httpx.Client, task_id: str, params: dict[str, str]) -> TaskView:
+    response = _send(client, "GET", f"/task/{task_id}", params=params)
+    if response.status_code != httpx.codes.OK:
+        raise TaskFailed(f"polling task {task_id} failed (HTTP {response.status_code}): {error_detail(response)}")
+    return TaskView.model_validate(response.json())
+
+
+def stream_text(views: Iterable[TaskView]) -> TaskView:
+    """Write each new chunk as it arrives; the last view, which holds the result, is returned."""
+    view: TaskView | None = None
+    last_char = "\n"
+    for view in views:
+        for chunk in view.chunks:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last_char = chunk.text[-1:] or last_char
+    if last_char != "\n":
+        print(flush=True)
+    assert view is not None, "poll yields at least once"
+    return view
+
+
+def answer(client: httpx.Client, body: dict, options: argparse.Namespace) -> TaskView:
+    """One task from submission to its result; TaskFailed when the worker reported an error."""
+    task_id = submit(client, body)
+    view = stream_text(poll(client, task_id, options.poll_interval, options.timeout))
+    if view.status == TaskStatus.failed:
+        raise TaskFailed(f"task {task_id} failed: {view.error or 'no error message'}")
+    return view
+
+
+def render_stats(view: TaskView, console: Console) -> None:
+    """A two-column table of what the worker measured; fields the server left out are skipped."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim")
+    table.add_column()
+    if view.usage:
+        table.add_row("tokens", f"{view.usage.prompt_tokens} prompt / {view.usage.completion_tokens} completion")
+    if view.timings:
+        t = view.timings
+        first = f"{t.time_to_first_token_s:.2f} s" if t.time_to_first_token_s is not None else "-"
+        table.add_row("speed", f"{t.tokens_per_second:.1f} tok/s")
+        table.add_row("first token", first)
+        table.add_row("queued", f"{t.queued_s:.2f} s")
+        table.add_row("total", f"{t.total_s:.2f} s")
+    if view.memory:
+        m = view.memory
+        table.add_row("memory", f"{m.device}, weights {_mb(m.model_weight_bytes)}, peak {_mb(m.peak_bytes)}")
+    table.add_row("finish", view.finish_reason or "-")
+    table.add_row("worker", f"{view.worker or '-'} ({view.model or 'unknown model'})")
+    console.print(table)
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.0f} MB"
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The server's `detail`, whether a sentence (ErrorBody) or FastAPI's list of field errors."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list):
+        return _describe_errors(detail)
+    try:
+        return ErrorBody.model_validate(body).detail
+    except ValidationError:
+        return str(body)[:500]
+
+
+def _describe_errors(errors: Iterable[dict]) -> str:
+    """'field: message' for each error; the 'body' prefix of FastAPI's locations says nothing."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        message = error.get("msg", "invalid")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def read_turns(prompt: str = "you> ") -> Iterator[str]:
+    """The user's lines until /exit or EOF; blank lines are skipped."""
+    while True:
+        try:
+            line = input(prompt).strip()
+        except EOFError:
+            return
+        if line == "/exit":
+            return
+        if line:
+            yield line
+
+
+def chat(client: httpx.Client, options: argparse.Namespace, stats: Console) -> None:
+    """The conversation so far is sent every turn; a turn that fails is reported and left out of it."""
+    history: list[ChatMessage] = []
+    for line in read_turns():
+        turn = [*history, ChatMessage(role=Role.user, content=line)]
+        try:
+            view = answer(client, build_request(options, messages=turn), options)
+        except (Rejected, TaskFailed, TimedOut) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        render_stats(view, stats)
+        history = [*turn, ChatMessage(role=Role.assistant, content=view.text)]
+
+
+def run(options: argparse.Namespace) -> None:
+    stats = Console(stderr=True)
+    with httpx.Client(base_url=options.url, timeout=REQUEST_TIMEOUT) as client:
+        if options.chat:
+            chat(client, options, stats)
+        else:
+            render_stats(answer(client, build_request(options, prompt=options.prompt), options), stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The one place failures become messages and exit codes, Ctrl-C included."""
+    options = parse_args(argv)
+    try:
+        run(options)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
