@@ -28,7 +28,7 @@ def main() -> int:
             log.info("starting redis-server (data in %s)", VAR / "redis")
             processes.append(start_redis(settings.redis_url, VAR / "redis", VAR / "redis.log"))
         processes.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"]))
-        api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.api_host, "--port", str(settings.api_port)]
+        api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.api_host, "--port", str(settings.api_port), "--no-access-log"]
         processes.append(subprocess.Popen(api))
         log.info("API on %s; Ctrl-C stops everything", settings.base_url)
         return _wait(processes)
