@@ -6,7 +6,7 @@
 
 The answer goes to stdout and everything else (stats, errors) to stderr, so the answer can be
 piped. Exit codes: 0 done, 1 the task failed, 2 the server is unreachable, 3 the request was
-rejected, 4 timed out, 130 interrupted.
+rejected, 4 timed out, 130 interrupted (Ctrl-C also cancels the task on the server).
 """
 
 import argparse
@@ -156,10 +156,25 @@ def stream_text(views: Iterable[TaskView]) -> TaskView:
 def answer(client: httpx.Client, body: dict, options: argparse.Namespace) -> TaskView:
     """One task from submission to its result; TaskFailed when the worker reported an error."""
     task_id = submit(client, body)
-    view = stream_text(poll(client, task_id, options.poll_interval, options.timeout))
+    try:
+        view = stream_text(poll(client, task_id, options.poll_interval, options.timeout))
+    except KeyboardInterrupt:
+        cancel(client, task_id)
+        raise
     if view.status == TaskStatus.failed:
         raise TaskFailed(f"task {task_id} failed: {view.error or 'no error message'}")
     return view
+
+
+def cancel(client: httpx.Client, task_id: str) -> None:
+    """Ctrl-C: tell the server, so the worker stops generating for nobody (best effort, on the way out)."""
+    try:
+        response = client.delete(f"/task/{task_id}", timeout=5)
+    except httpx.HTTPError:
+        print(f"\ncould not cancel task {task_id}", file=sys.stderr)
+        return
+    if response.status_code == httpx.codes.ACCEPTED:
+        print(f"\ncancelled task {task_id}", file=sys.stderr)
 
 
 def render_stats(view: TaskView, console: Console) -> None:

@@ -2,7 +2,7 @@
 
 import kombu.exceptions
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -12,6 +12,11 @@ REDIS_DOWN = "the task queue (Redis) is unreachable; try again shortly"
 def field_error(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
     """A 422 in FastAPI's own shape, naming the body field at fault."""
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+def task_not_found(task_id: str) -> HTTPException:
+    """One answer for an unknown id and for another key's task, so ids cannot be probed."""
+    return HTTPException(status_code=404, detail=f"no task with id {task_id!r} (never submitted, or expired)")
 
 
 def install(app: FastAPI) -> None:

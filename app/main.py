@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors
 from app.deps import Services
+from app.limits import BodySizeLimit
 from app.routes import generate, health, tasks
-from core.settings import get_settings
+from app.security import authenticate
+from core.settings import Settings, get_settings
 from core.store import TaskStore
 from model_loader.source import model_dir, model_name
 from prompts import context_window, load_formatter
@@ -42,7 +45,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-app = FastAPI(title="Queued Llama chat", lifespan=lifespan)
-errors.install(app)
-for module in (generate, tasks, health):
-    app.include_router(module.router)
+def create_app(settings: Settings) -> FastAPI:
+    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set."""
+    app = FastAPI(title="Queued Llama chat", lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    for module in (generate, tasks):
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
+    app.include_router(health.router)
+    return app
+
+
+app = create_app(get_settings())

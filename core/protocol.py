@@ -86,13 +86,14 @@ class TaskStatus(StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
 
     @property
     def finished(self) -> bool:
-        return self in (TaskStatus.succeeded, TaskStatus.failed)
+        return self not in (TaskStatus.queued, TaskStatus.running)
 
 
-FinishReason = Literal["eos", "length", "stop"]
+FinishReason = Literal["eos", "length", "stop", "cancelled"]
 
 
 class Chunk(BaseModel):
@@ -120,7 +121,7 @@ class MemoryStats(BaseModel):
 
 
 class GenerationResult(BaseModel):
-    """What a worker stores when a task succeeds."""
+    """What a worker stores when a task ends with text: succeeded, or cancelled with its partial text."""
 
     text: str
     finish_reason: FinishReason
@@ -136,7 +137,8 @@ class TaskView(BaseModel):
 
     task_id: str
     status: TaskStatus
-    text: str = Field(description="All text generated so far.")
+    attempt: int = Field(0, description="1 for the first run; higher when a worker died and another took over.")
+    text: str = Field(description="All text generated so far (in the current attempt).")
     chunks: list[Chunk] = Field(description="Chunks after the requested cursor, oldest first.")
     cursor: str = Field(description="The cursor to pass as ?after= next time.")
     finish_reason: FinishReason | None = None
@@ -146,6 +148,11 @@ class TaskView(BaseModel):
     model: str | None = None
     worker: str | None = None
     error: str | None = None
+
+
+class CancelAccepted(BaseModel):
+    task_id: str
+    status: TaskStatus = Field(description="'cancelled' for a task that had not started; 'running' while it stops.")
 
 
 class ComponentHealth(BaseModel):

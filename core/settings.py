@@ -39,14 +39,37 @@ class Settings(BaseSettings):
     default_repetition_penalty: float = Field(1.0, gt=0)
 
     # Worker and streaming.
-    worker_concurrency: int = Field(1, ge=1)
+    worker_concurrency: int = Field(1, ge=1, description="Tasks one worker process serves at once; >1 batches them.")
+    kv_cache_tokens: int = Field(16_384, ge=256, description="KV cache shared by batched tasks (concurrency > 1).")
+    max_batch_tokens: int = Field(512, ge=16, description="Most prompt tokens prefilled in one batched step.")
     stream_flush_tokens: int = Field(4, ge=1, description="Publish a chunk after this many new tokens...")
     stream_flush_ms: int = Field(100, ge=0, description="...or after this many milliseconds, whichever comes first.")
     result_ttl_s: int = Field(86_400, ge=60, description="How long chunks and results stay in Redis.")
 
+    # Limits and access (the API), and the client's key.
+    max_queued_tasks: int = Field(1000, ge=1, description="POST /generate answers 429 while this many tasks wait.")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
+    max_prompt_chars: int = Field(100_000, ge=1, description="Prompt (or message contents) plus system prompt.")
+    api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated keys the API accepts; empty means open.")
+    api_key: SecretStr | None = Field(None, description="The key run_client.py sends.")
+    cors_origins: str = Field("", description="Comma-separated origins browsers may call from; empty means none.")
+
     @property
     def base_url(self) -> str:
         return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def accepted_api_keys(self) -> list[str]:
+        """A comma-separated string in the environment reads better than the JSON list pydantic expects."""
+        return _split(self.api_keys.get_secret_value())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 @lru_cache

@@ -17,6 +17,22 @@ from core.protocol import Chunk, GenerationResult, TaskStatus, TaskView
 START_CURSOR = "0-0"
 
 
+# KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), then
+# field/value pairs. Applies the fields only if the current status is allowed; returns it.
+_TRANSITION_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return status end
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return status
+"""
+
+
 def _record_key(task_id: str) -> str:
     return f"task:{task_id}"
 
@@ -29,10 +45,22 @@ class TaskStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._transition_script = client.register_script(_TRANSITION_LUA)
 
-    def create(self, task_id: str) -> None:
-        """Record the task before it is queued, so that the API can tell unknown ids from queued ones."""
-        self._write(task_id, {"status": TaskStatus.queued, "enqueued_at": time.time()})
+    def create(self, task_id: str, owner: str | None = None) -> None:
+        """Record the task before it is queued, so that the API can tell unknown ids from queued ones.
+
+        `owner` is a one-way tag of the API key that submitted it (never the key itself).
+        """
+        fields: dict[str, object] = {"status": TaskStatus.queued, "enqueued_at": time.time()}
+        if owner is not None:
+            fields["owner"] = owner
+        self._write(task_id, fields)
+
+    def owner(self, task_id: str) -> str | None:
+        """The tag given to `create`; None for an unknown task or one created with none."""
+        value = self.redis.hget(_record_key(task_id), "owner")
+        return value.decode() if value is not None else None
 
     def delete(self, task_id: str) -> None:
         self.redis.delete(_record_key(task_id), _chunks_key(task_id))
@@ -41,8 +69,29 @@ class TaskStore:
         value = self.redis.hget(_record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
-    def mark_running(self, task_id: str, worker: str) -> None:
-        self._write(task_id, {"status": TaskStatus.running, "started_at": time.time(), "worker": worker})
+    def start(self, task_id: str, worker: str) -> bool:
+        """Mark the task running unless it was cancelled (or has expired); False means do not run it.
+
+        A task found `running` was delivered again after its worker died: the attempt count goes
+        up and its chunk stream starts afresh, so no poller sees text from two attempts.
+        """
+        fields = {"status": TaskStatus.running, "started_at": time.time(), "worker": worker}
+        before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True)
+        return before in (TaskStatus.queued, TaskStatus.running)
+
+    def request_cancel(self, task_id: str) -> TaskStatus | None:
+        """Cancel a queued task at once, or flag a running one for its worker; returns the status found.
+
+        None means no such task; a finished status means nothing was changed.
+        """
+        cancelled = {"status": TaskStatus.cancelled, "finish_reason": "cancelled"}
+        before = self._transition(task_id, {TaskStatus.queued}, cancelled)
+        if before == TaskStatus.running:
+            before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
+        return before
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return bool(self.redis.hexists(_record_key(task_id), "cancel_requested"))
 
     def append_chunk(self, task_id: str, text: str) -> None:
         key = _chunks_key(task_id)
@@ -51,8 +100,10 @@ class TaskStore:
         pipe.expire(key, self.ttl_s)
         pipe.execute()
 
-    def succeed(self, task_id: str, result: GenerationResult) -> None:
-        self._write(task_id, {"status": TaskStatus.succeeded, "result": result.model_dump_json()})
+    def finish(self, task_id: str, result: GenerationResult) -> None:
+        """Store the text and stats; a task that was stopped by a cancel ends `cancelled`."""
+        status = TaskStatus.cancelled if result.finish_reason == "cancelled" else TaskStatus.succeeded
+        self._write(task_id, {"status": status, "result": result.model_dump_json()})
 
     def fail(self, task_id: str, error: str) -> None:
         self._write(task_id, {"status": TaskStatus.failed, "error": error})
@@ -66,6 +117,16 @@ class TaskStore:
         if not record:
             return None
         return _to_view(task_id, record, entries, after)
+
+    def _transition(
+        self, task_id: str, allowed: set[TaskStatus], fields: dict[str, object], new_attempt: bool = False
+    ) -> TaskStatus | None:
+        """Compare-and-set in one Lua call, so the API's cancel and the worker's start cannot interleave."""
+        args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt)]
+        for key, value in fields.items():
+            args += [key, str(value)]
+        before = self._transition_script(keys=[_record_key(task_id), _chunks_key(task_id)], args=args)
+        return TaskStatus(before.decode()) if before else None
 
     def _write(self, task_id: str, fields: dict[str, object]) -> None:
         key = _record_key(task_id)
@@ -88,6 +149,8 @@ def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str
         "cursor": chunks[-1].cursor if chunks else START_CURSOR,
         "worker": fields.get("worker"),
         "error": fields.get("error"),
+        "finish_reason": fields.get("finish_reason"),
+        "attempt": int(fields.get("attempt", 0)),
     }
     if "result" in fields:
         view |= json.loads(fields["result"])

@@ -1,26 +1,23 @@
-"""The generation engine: one loaded model, streaming token chunks to a callback as it decodes.
+"""The generation engine's contract and the parts both engines share.
 
-Streaming is a callback kept out of the decoding loop: a stopping criterion that transformers
-calls after every token takes the new id, feeds the text stream and, every few tokens or
-milliseconds, hands the publishable text to `on_chunk`. It runs on the decoding thread, so
-unlike a streamer thread it does not compete with the model for the cores. The same hook
-checks `should_stop` every step, which is how cancellation and deadlines reach the model.
+A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback and a
+`should_stop` check; it gets back an `Outcome`. `SequentialEngine` runs one generation at a time
+with `model.generate`; `BatchingEngine` batches the decoding steps of concurrent tasks on the
+same model. Both feed tokens through a `TokenSink`, so streaming, stop strings and cancellation
+behave the same in either.
 """
 
-import logging
 import resource
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
+from core.settings import Settings
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,134 +48,111 @@ class Outcome:
     peak_bytes: int
 
 
-@dataclass
-class _StepHook(StoppingCriteria):
-    """Called by `generate` after each new token; returns True to end generation."""
-
-    stream: TextStream
-    on_chunk: Callable[[str], None]
-    should_stop: Callable[[], bool]
-    flush: FlushPolicy
-    started: float
-    first_token_at: float | None = None
-    tokens: int = 0
-    interrupted: bool = False
-    _unflushed: int = 0
-    _last_flush: float = field(default_factory=time.perf_counter)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.tokens += 1
-        self.stream.add(int(input_ids[0, -1]))
-        self._unflushed += 1
-        if self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
-            self.publish(self.stream.take_publishable())
-        self.interrupted = self.should_stop()
-        done = self.stream.stopped or self.interrupted
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    def publish(self, chunk: str) -> None:
-        self._unflushed = 0
-        self._last_flush = time.perf_counter()
-        if chunk:
-            self.on_chunk(chunk)
-
-
-class Engine:
-    """Owns the model; `generate` may be called from any thread, one generation at a time."""
-
-    def __init__(self, loaded: LoadedModel, flush: FlushPolicy) -> None:
-        self.loaded = loaded
-        self.flush = flush
-        self._lock = threading.Lock()
-        self._eos_ids = _eos_ids(loaded)
+class Engine(Protocol):
+    loaded: LoadedModel
 
     def generate(
         self,
         input_ids: list[int],
         params: SamplingParams,
         on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool] = lambda: False,
-    ) -> Outcome:
-        with self._lock, torch.inference_mode():
-            return self._generate(input_ids, params, on_chunk, should_stop)
+        should_stop: Callable[[], bool] = ...,
+    ) -> Outcome: ...
 
-    def _generate(
-        self,
-        input_ids: list[int],
-        params: SamplingParams,
-        on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool],
-    ) -> Outcome:
-        device = self.loaded.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        stream = TextStream(self._decode, params.stop)
-        started = time.perf_counter()
-        hook = _StepHook(stream, on_chunk, should_stop, self.flush, started)
-        ids = torch.tensor([input_ids], device=device)
-        output = self.loaded.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            stopping_criteria=StoppingCriteriaList([hook]),
-            pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
-            eos_token_id=self._eos_ids,
-            **_sampling_kwargs(params),
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        generation_s = time.perf_counter() - started
-        hook.publish(stream.take_rest())
-        new_ids = output[0, len(input_ids) :].tolist()
+    def close(self) -> None: ...
+
+
+@dataclass
+class TokenSink:
+    """Takes each new token on the decoding side: decodes, publishes in batches, decides whether to stop.
+
+    Publishing every few tokens or milliseconds (not every token, and not from another thread)
+    keeps streaming from slowing decoding down.
+    """
+
+    stream: TextStream
+    on_chunk: Callable[[str], None]
+    should_stop: Callable[[], bool]
+    flush: FlushPolicy
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    tokens: int = 0
+    cancelled: bool = False
+    _unflushed: int = 0
+    _last_flush: float = field(default_factory=time.perf_counter)
+
+    def add(self, token_id: int) -> bool:
+        """Returns True when generation should end here: a stop string appeared, or a cancel arrived."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens += 1
+        self.stream.add(token_id)
+        self._unflushed += 1
+        if self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
+            self._publish(self.stream.take_publishable())
+        return self.stream.stopped or self.poll_cancel()
+
+    def poll_cancel(self) -> bool:
+        self.cancelled = self.cancelled or self.should_stop()
+        return self.cancelled
+
+    def close(self) -> None:
+        """Generation ended: everything held back is final now."""
+        self._publish(self.stream.take_rest())
+
+    def outcome(self, prompt_tokens: int, last_token: int | None, eos_ids: list[int], device: torch.device) -> Outcome:
         return Outcome(
-            text=stream.text,
-            finish_reason=_finish_reason(stream, new_ids, self._eos_ids, params),
-            prompt_tokens=len(input_ids),
-            completion_tokens=len(new_ids),
-            time_to_first_token_s=None if hook.first_token_at is None else hook.first_token_at - started,
-            generation_s=generation_s,
-            peak_bytes=_peak_bytes(device),
+            text=self.stream.text,
+            finish_reason=self._finish_reason(last_token, eos_ids),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.tokens,
+            time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            generation_s=time.perf_counter() - self.started,
+            peak_bytes=peak_bytes(device),
         )
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    def _finish_reason(self, last_token: int | None, eos_ids: list[int]) -> str:
+        if self.stream.stopped:
+            return "stop"
+        if self.cancelled:
+            return "cancelled"
+        if last_token is not None and last_token in eos_ids:
+            return "eos"
+        return "length"
+
+    def _publish(self, chunk: str) -> None:
+        self._unflushed = 0
+        self._last_flush = time.perf_counter()
+        if chunk:
+            self.on_chunk(chunk)
 
 
-def _sampling_kwargs(params: SamplingParams) -> dict[str, object]:
-    if params.temperature == 0:
-        return {"max_new_tokens": params.max_new_tokens, "do_sample": False,
-                "repetition_penalty": params.repetition_penalty, "temperature": None, "top_p": None, "top_k": None}
-    return {
-        "max_new_tokens": params.max_new_tokens,
-        "do_sample": True,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k or None,
-        "repetition_penalty": params.repetition_penalty,
-    }
-
-
-def _finish_reason(stream: TextStream, new_ids: list[int], eos_ids: list[int], params: SamplingParams) -> str:
-    if stream.stopped:
-        return "stop"
-    if new_ids and new_ids[-1] in eos_ids:
-        return "eos"
-    return "length"
-
-
-def _eos_ids(loaded: LoadedModel) -> list[int]:
+def eos_ids(loaded: LoadedModel) -> list[int]:
     eos = loaded.model.generation_config.eos_token_id
     if eos is None:
         eos = loaded.tokenizer.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def _peak_bytes(device: torch.device) -> int:
-    """CUDA peak allocated since the task began on GPU; the process's peak RSS on CPU."""
+def decoder(loaded: LoadedModel) -> Callable[[list[int]], str]:
+    return lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def peak_bytes(device: torch.device) -> int:
+    """CUDA peak allocated since the last reset on GPU; the process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_engine(loaded: LoadedModel, settings: Settings) -> Engine:
+    """One generation at a time at a concurrency of 1; batched decoding above it."""
+    flush = FlushPolicy(every_tokens=settings.stream_flush_tokens, every_s=settings.stream_flush_ms / 1000)
+    if settings.worker_concurrency == 1:
+        from model_loader.sequential import SequentialEngine
+
+        return SequentialEngine(loaded, flush)
+    from model_loader.batching import BatchingEngine
+
+    return BatchingEngine(loaded, flush, settings)

@@ -93,23 +93,51 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
+def wait_healthy(url: str, processes: dict[str, subprocess.Popen], logs: Path) -> None:
+    """Until /health answers 200 (Redis up, a worker answered its ping); a process that dies fails at once."""
+
+    def healthy() -> bool:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited: {(logs / f'{name}.log').read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/health", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout_s=300, what=f"the API at {url} and a worker", interval_s=0.5)
+
+
+@pytest.fixture(scope="session")
+def batching_api_url(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second, separate stack whose worker batches two tasks at once on its one model.
+
+    It has its own redis-server: Celery's worker pings travel over Redis pub/sub, which does not
+    respect database numbers, so sharing the server would mix the two stacks' workers.
+    """
+    logs = tmp_path_factory.mktemp("batching")
+    env = stack_env | {
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "API_PORT": str(free_port()),
+        "WORKER_CONCURRENCY": "2",
+    }
+    redis_process = start_redis(env["REDIS_URL"], logs / "redis", logs / "redis.log")
+    worker = start_worker(env, logs, name="batching")
+    api = start_api(env, logs)
+    url = f"http://127.0.0.1:{env['API_PORT']}"
+    wait_healthy(url, {"batching": worker, "api": api}, logs)
+    yield url
+    for process in (api, worker, redis_process):
+        _stop(process)
+
+
 @pytest.fixture(scope="session")
 def api_url(redis_server: str, stack_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     """The API and one worker, both up: /health answers 200 (a worker answered its ping)."""
     worker = start_worker(stack_env, logs_dir)
     api = start_api(stack_env, logs_dir)
     url = f"http://127.0.0.1:{stack_env['API_PORT']}"
-
-    def healthy() -> bool:
-        for process, name in ((worker, "worker"), (api, "api")):
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited: {(logs_dir / f'{name}.log').read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/health", timeout=3).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout_s=300, what="the API and a worker", interval_s=0.5)
+    wait_healthy(url, {"worker": worker, "api": api}, logs_dir)
     yield url
     _stop(api)
     _stop(worker)

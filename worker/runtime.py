@@ -12,7 +12,7 @@ import redis
 from core.protocol import GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.settings import Settings
 from core.store import TaskStore
-from model_loader.engine import Engine, FlushPolicy, Outcome, SamplingParams
+from model_loader.engine import Engine, Outcome, SamplingParams, make_engine
 from model_loader.loader import load_model
 from model_loader.source import model_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
@@ -50,19 +50,23 @@ class WorkerRuntime:
         """Load the model once for this process."""
         loaded = load_model(settings)
         folder = model_dir(settings)
-        flush = FlushPolicy(every_tokens=settings.stream_flush_tokens, every_s=settings.stream_flush_ms / 1000)
         return cls(
             settings=settings,
-            engine=Engine(loaded, flush),
+            engine=make_engine(loaded, settings),
             formatter=load_formatter(folder, settings.prompt_format, loaded.name),
             context_window=context_window(folder, settings.context_window),
             store=TaskStore(redis.Redis.from_url(settings.redis_url), settings.result_ttl_s),
         )
 
     def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
-        """Generate one answer, streaming chunks to the store; any failure ends the task `failed`."""
+        """Generate one answer, streaming chunks to the store; any failure ends the task `failed`.
+
+        A task cancelled while it waited in the queue is dropped here without running.
+        """
         started_at = time.time()
-        self.store.mark_running(task_id, worker)
+        if not self.store.start(task_id, worker):
+            log.info("task %s was cancelled or has expired before it started; skipped", task_id)
+            return
         try:
             outcome = self._generate(task_id, request)
         except PromptTooLong as exc:
@@ -73,7 +77,7 @@ class WorkerRuntime:
             self.store.fail(task_id, f"generation failed on worker {worker}: {type(exc).__name__}: {exc}")
             return
         enqueued_at = self.store.enqueued_at(task_id) or started_at
-        self.store.succeed(task_id, self._result(outcome, worker, enqueued_at, started_at))
+        self.store.finish(task_id, self._result(outcome, worker, enqueued_at, started_at))
 
     def _generate(self, task_id: str, request: GenerateRequest) -> Outcome:
         params = sampling_params(request, self.settings)
@@ -81,7 +85,10 @@ class WorkerRuntime:
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
         return self.engine.generate(
-            prompt.input_ids, params, on_chunk=lambda text: self.store.append_chunk(task_id, text)
+            prompt.input_ids,
+            params,
+            on_chunk=lambda text: self.store.append_chunk(task_id, text),
+            should_stop=lambda: self.store.cancel_requested(task_id),
         )
 
     def _result(self, outcome: Outcome, worker: str, enqueued_at: float, started_at: float) -> GenerationResult:

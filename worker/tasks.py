@@ -3,7 +3,7 @@
 from functools import cached_property
 
 from celery import Task
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutdown
 
 from core.protocol import GenerateRequest
 from core.settings import get_settings
@@ -28,3 +28,8 @@ def generate(self: GenerationTask, request: dict) -> None:
 def _load_model_at_start(**_: object) -> None:
     """Load before consuming (the threads pool shares this process), so no task pays for it."""
     generate.runtime  # noqa: B018
+
+
+@worker_shutdown.connect
+def _stop_engine(**_: object) -> None:
+    generate.runtime.engine.close()

@@ -1,0 +1,151 @@
+"""Several tasks at once on one model: transformers' continuous batching manager steps them together.
+
+The manager runs the decoding loop on its own thread and batches every active request into each
+forward pass, so a worker serving N tasks pays for roughly one pass per token instead of N.
+Each task's thread submits its request, then reads that request's token outputs from its own
+queue (a router thread sorts the manager's shared output queue by request id) and feeds them to
+its own `TokenSink`: streaming, stop strings and cancellation stay per task, and a task that
+stops early is cancelled in the manager so its slot frees at once.
+
+The manager samples from one generator for the whole batch and has no repetition penalty, so
+those two request options exist only at a concurrency of 1 (the API refuses them here).
+"""
+
+import logging
+import math
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.requests import GenerationOutput
+
+from core.settings import Settings
+from model_loader.engine import FlushPolicy, Outcome, SamplingParams, TokenSink, decoder, eos_ids, peak_bytes
+from model_loader.loader import LoadedModel
+from model_loader.streaming import TextStream
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 64
+OUTPUT_WAIT_S = 0.5
+
+
+class BatchingEngine:
+    def __init__(self, loaded: LoadedModel, flush: FlushPolicy, settings: Settings) -> None:
+        self.loaded = loaded
+        self.flush = flush
+        self._eos_ids = eos_ids(loaded)
+        self._decode = decoder(loaded)
+        self._vocab_size = loaded.model.config.get_text_config().vocab_size
+        self._queues: dict[str, queue.Queue[GenerationOutput]] = {}
+        self._queues_lock = threading.Lock()
+        self._manager = loaded.model.init_continuous_batching(
+            generation_config=_generation_config(settings, self._eos_ids),
+            continuous_batching_config=ContinuousBatchingConfig(
+                per_request_processors=True,
+                page_size=PAGE_SIZE,
+                num_blocks=math.ceil(settings.kv_cache_tokens / PAGE_SIZE),
+                max_batch_tokens=settings.max_batch_tokens,
+            ),
+        )
+        self._manager.start()
+        threading.Thread(target=self._route_outputs, name="cb-router", daemon=True).start()
+        log.info("continuous batching: up to %d tasks, %d KV-cache tokens", settings.worker_concurrency,
+                 settings.kv_cache_tokens)
+
+    def generate(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        on_chunk: Callable[[str], None],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Outcome:
+        if params.seed is not None or params.repetition_penalty != 1.0:
+            raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 (batched decoding lacks them)")
+        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, should_stop, self.flush)
+        request_id, outputs = self._submit(input_ids, params)
+        try:
+            last = self._consume(request_id, outputs, sink)
+        finally:
+            with self._queues_lock:
+                self._queues.pop(request_id, None)
+        sink.close()
+        return sink.outcome(len(input_ids), last, self._eos_ids, self.loaded.device)
+
+    def close(self) -> None:
+        """Stop the decoding thread, so the worker process can exit."""
+        self._manager.stop(block=True, timeout=10)
+
+    def _submit(self, input_ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue[GenerationOutput]]:
+        request_id = uuid.uuid4().hex
+        outputs: queue.Queue[GenerationOutput] = queue.Queue()
+        with self._queues_lock:
+            self._queues[request_id] = outputs
+        self._manager.add_request(
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=params.max_new_tokens,
+            streaming=True,
+            eos_token_id=self._eos_ids,
+            **self._per_request_sampling(params),
+        )
+        return request_id, outputs
+
+    def _consume(self, request_id: str, outputs: queue.Queue[GenerationOutput], sink: TokenSink) -> int | None:
+        """Feed each new token to the sink until the request finishes or the sink says stop."""
+        seen: list[int] = []
+        while True:
+            try:
+                output = outputs.get(timeout=OUTPUT_WAIT_S)
+            except queue.Empty:
+                if not self._manager.is_running():
+                    raise RuntimeError("the batching engine's decoding thread stopped") from None
+                if sink.poll_cancel():
+                    self._manager.cancel_request(request_id)
+                    return seen[-1] if seen else None
+                continue
+            if output.error:
+                raise RuntimeError(f"generation failed: {output.error}")
+            for token in output.generated_tokens[len(seen) :]:
+                seen.append(token)
+                if sink.add(token):
+                    self._manager.cancel_request(request_id)
+                    return token
+            if output.is_finished():
+                return seen[-1] if seen else None
+
+    def _per_request_sampling(self, params: SamplingParams) -> dict[str, float | int]:
+        """Greedy is top-k 1; top-k 0 (off) is the whole vocabulary."""
+        if params.temperature == 0:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"temperature": params.temperature, "top_k": params.top_k or self._vocab_size, "top_p": params.top_p}
+
+    def _route_outputs(self) -> None:
+        """Sort the manager's shared output queue into each request's own queue."""
+        while True:
+            output = self._manager.get_result(timeout=OUTPUT_WAIT_S)
+            if output is None:
+                if not self._manager.is_running():
+                    return
+                continue
+            with self._queues_lock:
+                target = self._queues.get(output.request_id)
+            if target is not None:
+                target.put(output)
+
+
+def _generation_config(settings: Settings, eos: list[int]) -> GenerationConfig:
+    """Sampling on, with temperature, top-k and top-p processors present so each request can set its own."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        max_new_tokens=settings.default_max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+    )
