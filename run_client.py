@@ -63,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 is greedy (default: the server's)")
     parser.add_argument("--poll-interval", type=_positive, default=0.1, help="seconds between polls (default: 0.1)")
     parser.add_argument("--timeout", type=_positive, default=600, help="seconds to wait for each answer (default: 600)")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer <key>' (default: API_KEY from the environment)")
     options = parser.parse_args(argv)
+    if options.api_key is None and get_settings().api_key is not None:
+        options.api_key = get_settings().api_key.get_secret_value()
     if options.chat and options.prompt is not None:
         parser.error("give a prompt or --chat, not both")
     if not options.chat and options.prompt is None:
@@ -257,7 +260,8 @@ def chat(client: httpx.Client, options: argparse.Namespace, stats: Console) -> N
 
 def run(options: argparse.Namespace) -> None:
     stats = Console(stderr=True)
-    with httpx.Client(base_url=options.url, timeout=REQUEST_TIMEOUT) as client:
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    with httpx.Client(base_url=options.url, headers=headers, timeout=REQUEST_TIMEOUT) as client:
         if options.chat:
             chat(client, options, stats)
         else:

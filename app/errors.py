@@ -1,8 +1,11 @@
 """Errors the API turns into clear answers instead of 500s."""
 
+import json
+
 import kombu.exceptions
 import redis
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -19,12 +22,27 @@ def task_not_found(task_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"no task with id {task_id!r} (never submitted, or expired)")
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Escapes all but ASCII, so that a lone surrogate taken from a request cannot break the answer."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without the echoed `input`, which may hold NaN or a lone surrogate (neither fits
+    in a JSON answer), or a megabyte of prompt."""
+    errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
+    return AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": REDIS_DOWN}, headers={"Retry-After": "5"})
+
+
 def install(app: FastAPI) -> None:
     """Redis being down is the one outage the API expects: answer 503, never hang or 500."""
-
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": REDIS_DOWN}, headers={"Retry-After": "5"})
-
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _redis_down)
     app.add_exception_handler(kombu.exceptions.OperationalError, _redis_down)
 

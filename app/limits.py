@@ -1,13 +1,12 @@
-"""What the API refuses to take on: oversized bodies (413), oversized prompts (422), a full queue (429).
+"""What the API refuses to take on: oversized prompts (422) and more tasks than the queue may hold (429).
 
-Each check runs before the expensive step it protects: the body limit before the body is parsed,
-the prompt limit before the prompt is tokenized, the queue limit before a task is recorded.
+Each check runs before the expensive step it protects: the prompt limit before the prompt is
+tokenized, the queue limit before a task is recorded. (Oversized bodies are FastAPI's own
+`max_body_size`, set in app.main.)
 """
 
 from fastapi import HTTPException
 from kombu.transport.redis import PRIORITY_STEPS, Channel
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import Services
 from app.errors import field_error
@@ -19,53 +18,6 @@ QUEUE_FULL_RETRY_AFTER_S = 5
 # kombu's Redis transport keeps a queue as one list per priority step: the plain name for
 # priority 0, then "<name>\x06\x16<step>" for the others.
 QUEUE_KEYS = [QUEUE] + [f"{QUEUE}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
-
-
-class BodySizeLimit:
-    """Answers 413 to a request body above `max_bytes`: at once by its Content-Length, and by
-    counting bytes as they arrive, so that a chunked upload without Content-Length cannot pass."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await JSONResponse(status_code=413, content={"detail": self._detail()})(scope, receive, send)
-            return
-        await self.app(scope, self._counting(receive), send)
-
-    def _counting(self, receive: Receive) -> Receive:
-        """Raises 413 from inside the handler's read, which FastAPI turns into the answer."""
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(status_code=413, detail=self._detail())
-            return message
-
-        return counted
-
-    def _detail(self) -> str:
-        return f"the request body is larger than this server's limit of {self.max_bytes} bytes"
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 def check_prompt_chars(body: GenerateRequest, limit: int) -> None:

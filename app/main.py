@@ -13,7 +13,6 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import errors
 from app.deps import Services
-from app.limits import BodySizeLimit
 from app.routes import generate, health, tasks
 from app.security import authenticate
 from core.settings import Settings, get_settings
@@ -46,10 +45,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set."""
-    app = FastAPI(title="Queued Llama chat", lifespan=lifespan)
+    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set.
+
+    FastAPI's own body limit answers 413 by Content-Length, and by counting a chunked body's bytes.
+    """
+    app = FastAPI(title="Queued Llama chat", lifespan=lifespan, max_body_size=settings.max_request_bytes)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

@@ -5,9 +5,9 @@ context window) are checked by the API against the settings.
 """
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class Role(StrEnum):
@@ -16,9 +16,32 @@ class Role(StrEnum):
     assistant = "assistant"
 
 
+# Logits are divided by these: much smaller values overflow float32 and the sampler fails.
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 1e-3
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry a lone surrogate as a \\u escape, but it is not text: UTF-8 and tokenizers refuse it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid Unicode at character {exc.start}: a lone surrogate") from None
+    return text
+
+
+def _greedy_or_warm(temperature: float) -> float:
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return temperature
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class ChatMessage(BaseModel):
     role: Role
-    content: str
+    content: Text
 
 
 class GenerateRequest(BaseModel):
@@ -26,15 +49,17 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1)
+    prompt: Text | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    system_prompt: str | None = None
+    system_prompt: Text | None = None
     max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, description="0 means greedy decoding.")
+    temperature: Annotated[float, AfterValidator(_greedy_or_warm)] | None = Field(
+        None, ge=0, description="0 means greedy decoding."
+    )
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
-    repetition_penalty: float | None = Field(None, gt=0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
+    stop: list[Text] = Field(default_factory=list, max_length=16)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
@@ -93,7 +118,7 @@ class TaskStatus(StrEnum):
         return self not in (TaskStatus.queued, TaskStatus.running)
 
 
-FinishReason = Literal["eos", "length", "stop", "cancelled"]
+FinishReason = Literal["eos", "length", "stop", "cancelled", "timeout"]
 
 
 class Chunk(BaseModel):

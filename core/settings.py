@@ -46,6 +46,19 @@ class Settings(BaseSettings):
     stream_flush_ms: int = Field(100, ge=0, description="...or after this many milliseconds, whichever comes first.")
     result_ttl_s: int = Field(86_400, ge=60, description="How long chunks and results stay in Redis.")
 
+    # Faults.
+    task_time_limit_s: int = Field(600, ge=1, description="A generation running longer ends with finish_reason 'timeout'.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of a task whose worker keeps dying before it fails.")
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """How long Redis waits for a delivered task's ack before handing it to another worker.
+
+        It must exceed the longest generation (a shorter one would run a task twice at once), and
+        it is also how long a task whose worker was killed waits before it is delivered again.
+        """
+        return 2 * self.task_time_limit_s + 10
+
     # Limits and access (the API), and the client's key.
     max_queued_tasks: int = Field(1000, ge=1, description="POST /generate answers 429 while this many tasks wait.")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")

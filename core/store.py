@@ -69,15 +69,17 @@ class TaskStore:
         value = self.redis.hget(_record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
-    def start(self, task_id: str, worker: str) -> bool:
-        """Mark the task running unless it was cancelled (or has expired); False means do not run it.
+    def start(self, task_id: str, worker: str) -> int:
+        """Mark the task running and return its attempt number; 0 means do not run it (cancelled or expired).
 
-        A task found `running` was delivered again after its worker died: the attempt count goes
+        A task found `running` was delivered again after its worker died: the attempt number goes
         up and its chunk stream starts afresh, so no poller sees text from two attempts.
         """
         fields = {"status": TaskStatus.running, "started_at": time.time(), "worker": worker}
         before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True)
-        return before in (TaskStatus.queued, TaskStatus.running)
+        if before not in (TaskStatus.queued, TaskStatus.running):
+            return 0
+        return int(self.redis.hget(_record_key(task_id), "attempt") or 0)
 
     def request_cancel(self, task_id: str) -> TaskStatus | None:
         """Cancel a queued task at once, or flag a running one for its worker; returns the status found.

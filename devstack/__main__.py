@@ -4,13 +4,13 @@ Ctrl-C stops them all. Logs go to the terminal; Redis data lives under ./var/red
 """
 
 import logging
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from core.settings import get_settings
+from devstack.processes import api_command, stop, worker_command
 from devstack.redis_server import answers, start_redis
 
 log = logging.getLogger("devstack")
@@ -27,9 +27,8 @@ def main() -> int:
         else:
             log.info("starting redis-server (data in %s)", VAR / "redis")
             processes.append(start_redis(settings.redis_url, VAR / "redis", VAR / "redis.log"))
-        processes.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"]))
-        api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.api_host, "--port", str(settings.api_port), "--no-access-log"]
-        processes.append(subprocess.Popen(api))
+        processes.append(subprocess.Popen(worker_command()))
+        processes.append(subprocess.Popen(api_command(settings.api_host, settings.api_port)))
         log.info("API on %s; Ctrl-C stops everything", settings.base_url)
         return _wait(processes)
     except KeyboardInterrupt:
@@ -50,13 +49,7 @@ def _wait(processes: list[subprocess.Popen]) -> int:
 
 def _stop(processes: list[subprocess.Popen]) -> None:
     for process in reversed(processes):
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in reversed(processes):
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,17 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from core.settings import Settings
-from model_loader.engine import FlushPolicy, Outcome, SamplingParams, TokenSink, decoder, eos_ids, peak_bytes
+from model_loader.engine import (
+    FlushPolicy,
+    Interruption,
+    Outcome,
+    SamplingParams,
+    TokenSink,
+    decoder,
+    eos_ids,
+    never,
+    peak_bytes,
+)
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream
 
@@ -62,11 +72,11 @@ class BatchingEngine:
         input_ids: list[int],
         params: SamplingParams,
         on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool] = lambda: False,
+        interruption: Interruption = never,
     ) -> Outcome:
         if params.seed is not None or params.repetition_penalty != 1.0:
             raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 (batched decoding lacks them)")
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, should_stop, self.flush)
+        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
         request_id, outputs = self._submit(input_ids, params)
         try:
             last = self._consume(request_id, outputs, sink)
@@ -104,7 +114,7 @@ class BatchingEngine:
             except queue.Empty:
                 if not self._manager.is_running():
                     raise RuntimeError("the batching engine's decoding thread stopped") from None
-                if sink.poll_cancel():
+                if sink.poll_interruption():
                     self._manager.cancel_request(request_id)
                     return seen[-1] if seen else None
                 continue

@@ -1,7 +1,8 @@
 """The generation engine's contract and the parts both engines share.
 
-A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback and a
-`should_stop` check; it gets back an `Outcome`. `SequentialEngine` runs one generation at a time
+A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback and an
+`interruption` check (why generation must end now, if it must: "cancelled", "timeout"); it gets
+back an `Outcome`. `SequentialEngine` runs one generation at a time
 with `model.generate`; `BatchingEngine` batches the decoding steps of concurrent tasks on the
 same model. Both feed tokens through a `TokenSink`, so streaming, stop strings and cancellation
 behave the same in either.
@@ -48,6 +49,13 @@ class Outcome:
     peak_bytes: int
 
 
+Interruption = Callable[[], str | None]
+
+
+def never() -> str | None:
+    return None
+
+
 class Engine(Protocol):
     loaded: LoadedModel
 
@@ -56,7 +64,7 @@ class Engine(Protocol):
         input_ids: list[int],
         params: SamplingParams,
         on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool] = ...,
+        interruption: Interruption = ...,
     ) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -72,17 +80,17 @@ class TokenSink:
 
     stream: TextStream
     on_chunk: Callable[[str], None]
-    should_stop: Callable[[], bool]
+    interruption: Interruption
     flush: FlushPolicy
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     tokens: int = 0
-    cancelled: bool = False
+    interrupted: str | None = None
     _unflushed: int = 0
     _last_flush: float = field(default_factory=time.perf_counter)
 
     def add(self, token_id: int) -> bool:
-        """Returns True when generation should end here: a stop string appeared, or a cancel arrived."""
+        """Returns True when generation should end here: a stop string appeared, or an interruption."""
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
@@ -91,11 +99,11 @@ class TokenSink:
         self._unflushed += 1
         if self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
             self._publish(self.stream.take_publishable())
-        return self.stream.stopped or self.poll_cancel()
+        return self.stream.stopped or self.poll_interruption()
 
-    def poll_cancel(self) -> bool:
-        self.cancelled = self.cancelled or self.should_stop()
-        return self.cancelled
+    def poll_interruption(self) -> bool:
+        self.interrupted = self.interrupted or self.interruption()
+        return self.interrupted is not None
 
     def close(self) -> None:
         """Generation ended: everything held back is final now."""
@@ -115,8 +123,8 @@ class TokenSink:
     def _finish_reason(self, last_token: int | None, eos_ids: list[int]) -> str:
         if self.stream.stopped:
             return "stop"
-        if self.cancelled:
-            return "cancelled"
+        if self.interrupted:
+            return self.interrupted
         if last_token is not None and last_token in eos_ids:
             return "eos"
         return "length"

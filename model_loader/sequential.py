@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from model_loader.engine import FlushPolicy, Outcome, SamplingParams, TokenSink, decoder, eos_ids
+from model_loader.engine import FlushPolicy, Interruption, Outcome, SamplingParams, TokenSink, decoder, eos_ids, never
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream
 
@@ -40,10 +40,10 @@ class SequentialEngine:
         input_ids: list[int],
         params: SamplingParams,
         on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool] = lambda: False,
+        interruption: Interruption = never,
     ) -> Outcome:
         with self._lock, torch.inference_mode():
-            return self._generate(input_ids, params, on_chunk, should_stop)
+            return self._generate(input_ids, params, on_chunk, interruption)
 
     def close(self) -> None:
         """Nothing runs in the background."""
@@ -53,14 +53,14 @@ class SequentialEngine:
         input_ids: list[int],
         params: SamplingParams,
         on_chunk: Callable[[str], None],
-        should_stop: Callable[[], bool],
+        interruption: Interruption,
     ) -> Outcome:
         device = self.loaded.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, should_stop, self.flush)
+        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
         ids = torch.tensor([input_ids], device=device)
         output = self.loaded.model.generate(
             input_ids=ids,

@@ -11,26 +11,28 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port, start_api, wait_until
+from devstack.processes import api_command, free_port, spawn, stop, wait_until
 
 STARTUP_TIMEOUT_S = 120
 
 
 @contextmanager
-def extra_api(stack_env: dict[str, str], logs: Path, overrides: dict[str, str]) -> Iterator[str]:
-    """The API under uvicorn with `overrides` on top of the stack's environment; logs in `logs/api.log`."""
+def extra_api(
+    stack_env: dict[str, str], logs: Path, overrides: dict[str, str], access_log: bool = False
+) -> Iterator[str]:
+    """The API under uvicorn with `overrides` on top of the stack's environment; output in `logs/api.log`.
+
+    `access_log` turns uvicorn's access log back on, as the container runs it.
+    """
     env = stack_env | {"API_PORT": str(free_port())} | overrides
-    process = start_api(env, logs)
+    command = api_command("127.0.0.1", env["API_PORT"]) + (["--access-log"] if access_log else [])
+    process = spawn("api", command, env, logs)
     url = f"http://127.0.0.1:{env['API_PORT']}"
     try:
         wait_until(lambda: _answers(url, process, logs), STARTUP_TIMEOUT_S, f"the extra API at {url}", interval_s=0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 def _answers(url: str, process: subprocess.Popen, logs: Path) -> bool:

@@ -19,7 +19,7 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
     body = b'{"prompt": "' + b"a" * DEFAULTS.max_request_bytes + b'"}'
     response = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
-    assert f"{DEFAULTS.max_request_bytes} bytes" in response.json()["detail"]
+    assert response.json()["detail"] == "Content Too Large"
 
 
 def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
@@ -34,7 +34,7 @@ def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
     response = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in response.request.headers
     assert response.status_code == 413
-    assert "larger than" in response.json()["detail"]
+    assert response.json()["detail"] == "Content Too Large"
 
 
 @pytest.mark.parametrize(

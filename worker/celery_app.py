@@ -30,7 +30,7 @@ def make_celery() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 2 * 3600},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_hijack_root_logger=False,
     )
     return app

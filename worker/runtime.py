@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+import torch
 
 from core.protocol import GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.settings import Settings
@@ -61,16 +62,25 @@ class WorkerRuntime:
     def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
         """Generate one answer, streaming chunks to the store; any failure ends the task `failed`.
 
-        A task cancelled while it waited in the queue is dropped here without running.
+        A task cancelled while it waited in the queue is dropped here without running; one whose
+        workers died `MAX_ATTEMPTS` times fails instead of looping through the workers forever.
         """
         started_at = time.time()
-        if not self.store.start(task_id, worker):
+        attempt = self.store.start(task_id, worker)
+        if not attempt:
             log.info("task %s was cancelled or has expired before it started; skipped", task_id)
             return
+        if attempt > self.settings.max_attempts:
+            self.store.fail(task_id, _gave_up(attempt - 1))
+            return
         try:
-            outcome = self._generate(task_id, request)
+            outcome = self._generate(task_id, request, deadline=time.monotonic() + self.settings.task_time_limit_s)
         except PromptTooLong as exc:
             self.store.fail(task_id, str(exc))
+            return
+        except (torch.OutOfMemoryError, MemoryError):
+            log.exception("task %s ran out of memory", task_id)
+            self.store.fail(task_id, _out_of_memory(self.engine.loaded.device.type))
             return
         except Exception as exc:
             log.exception("task %s failed", task_id)
@@ -79,16 +89,22 @@ class WorkerRuntime:
         enqueued_at = self.store.enqueued_at(task_id) or started_at
         self.store.finish(task_id, self._result(outcome, worker, enqueued_at, started_at))
 
-    def _generate(self, task_id: str, request: GenerateRequest) -> Outcome:
+    def _generate(self, task_id: str, request: GenerateRequest, deadline: float) -> Outcome:
         params = sampling_params(request, self.settings)
         prompt = build_prompt(
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
+
+        def interruption() -> str | None:
+            if self.store.cancel_requested(task_id):
+                return "cancelled"
+            return "timeout" if time.monotonic() > deadline else None
+
         return self.engine.generate(
             prompt.input_ids,
             params,
             on_chunk=lambda text: self.store.append_chunk(task_id, text),
-            should_stop=lambda: self.store.cancel_requested(task_id),
+            interruption=interruption,
         )
 
     def _result(self, outcome: Outcome, worker: str, enqueued_at: float, started_at: float) -> GenerationResult:
@@ -111,3 +127,17 @@ class WorkerRuntime:
             model=loaded.name,
             worker=worker,
         )
+
+
+def _gave_up(attempts: int) -> str:
+    return (
+        f"gave up after {attempts} attempts: the worker running this task died each time (killed, or out of "
+        "memory); try a shorter prompt or fewer max_new_tokens"
+    )
+
+
+def _out_of_memory(device: str) -> str:
+    return (
+        f"the worker ran out of {device} memory; retry with a shorter prompt or fewer max_new_tokens, "
+        "or lower WORKER_CONCURRENCY on the workers"
+    )

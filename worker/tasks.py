@@ -4,6 +4,7 @@ from functools import cached_property
 
 from celery import Task
 from celery.signals import worker_init, worker_shutdown
+from pydantic import ValidationError
 
 from core.protocol import GenerateRequest
 from core.settings import get_settings
@@ -21,7 +22,12 @@ class GenerationTask(Task):
 
 @app.task(name=GENERATE_TASK, base=GenerationTask, bind=True)
 def generate(self: GenerationTask, request: dict) -> None:
-    self.runtime.run(self.request.id, GenerateRequest.model_validate(request), worker=self.request.hostname or "")
+    try:
+        parsed = GenerateRequest.model_validate(request)
+    except ValidationError as exc:  # an API of another version, or a message not sent by the API
+        self.runtime.store.fail(self.request.id, f"the worker could not read this task: {exc.errors()[0]['msg']}")
+        return
+    self.runtime.run(self.request.id, parsed, worker=self.request.hostname or "")
 
 
 @worker_init.connect

@@ -1,0 +1,158 @@
+"""Nothing lost: real processes killed and restarted under a running stack of its own.
+
+The stack here has a short time limit (so redelivery after a killed worker, which waits for
+Redis's visibility timeout, takes seconds rather than minutes) and at most two attempts.
+"""
+
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from celery import Celery
+
+from core.protocol import TaskStatus, TaskView
+from core.store import TaskStore
+from devstack.processes import Stack, wait_until
+from tests.helpers import poll_until_finished, submit
+
+STORY = "Write a long story about a lighthouse keeper."
+TIME_LIMIT_S = 6
+REDELIVERY_S = 2 * TIME_LIMIT_S + 10 + 60  # visibility timeout, kombu's restore interval, a new worker's start
+
+
+@pytest.fixture(scope="module")
+def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = Stack(
+        tmp_path_factory.mktemp("faults"),
+        stack_env,
+        QUANTIZATION="none",
+        TASK_TIME_LIMIT_S=str(TIME_LIMIT_S),
+        MAX_ATTEMPTS="2",
+    )
+    yield running.up()
+    running.down()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        yield c
+
+
+def view(client: httpx.Client, task_id: str) -> TaskView:
+    return TaskView.model_validate(client.get(f"/task/{task_id}").json())
+
+
+def replace_worker(stack: Stack) -> None:
+    """SIGKILL the worker mid-task (no warm shutdown, no ack) and start a fresh one."""
+    stack.stop_worker(the_worker(stack), kill=True)
+    stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
+
+
+def wait_for_attempt(client: httpx.Client, task_id: str, attempt: int) -> None:
+    wait_until(lambda: (v := view(client, task_id)).attempt == attempt and bool(v.text), REDELIVERY_S,
+               f"attempt {attempt} of {task_id} to stream")
+
+
+def the_worker(stack: Stack) -> str:
+    (name,) = stack.workers
+    return name
+
+
+def test_a_killed_workers_task_runs_again_and_completes_once(stack: Stack, client: httpx.Client) -> None:
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+    wait_for_attempt(client, task_id, 1)
+    replace_worker(stack)
+
+    final, seen = poll_until_finished(client, task_id)
+    assert final.status == TaskStatus.succeeded and final.attempt == 2
+    assert all(final.text.startswith(v.text) for v in seen), "a poller saw text from two attempts"
+    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text
+    reference, _ = poll_until_finished(client, submit(client, prompt=STORY, temperature=0, max_new_tokens=48))
+    shorter, longer = sorted([final.text, reference.text], key=len)
+    assert longer.startswith(shorter)
+
+
+def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(stack: Stack, client: httpx.Client) -> None:
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+    for attempt in (1, 2):
+        wait_for_attempt(client, task_id, attempt)
+        replace_worker(stack)
+    wait_until(lambda: view(client, task_id).status == TaskStatus.failed, REDELIVERY_S, "the task to give up")
+    assert "gave up after 2 attempts" in (view(client, task_id).error or "")
+
+    after, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=8))
+    assert after.status == TaskStatus.succeeded and after.text
+
+
+def test_time_limit_ends_a_task_with_its_partial_text(client: httpx.Client) -> None:
+    final, seen = poll_until_finished(client, submit(client, prompt=STORY, temperature=0, max_new_tokens=1000))
+    assert final.status == TaskStatus.succeeded and final.finish_reason == "timeout"
+    assert final.text and "".join(c.text for v in seen for c in v.chunks) == final.text
+    assert final.timings and TIME_LIMIT_S <= final.timings.generation_s < TIME_LIMIT_S + 5
+
+
+def test_a_task_the_worker_cannot_run_fails_with_a_message_and_the_worker_goes_on(
+    stack: Stack, client: httpx.Client
+) -> None:
+    task_id = str(uuid.uuid4())
+    TaskStore(redis.Redis.from_url(stack.redis_url), ttl_s=600).create(task_id)
+    sender = Celery(broker=stack.redis_url)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    sender.send_task("generate", args=[{"prompt": 42}], task_id=task_id, queue="chat")
+
+    failed, _ = poll_until_finished(client, task_id)
+    assert failed.status == TaskStatus.failed and "could not read this task" in (failed.error or "")
+    after, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=8))
+    assert after.status == TaskStatus.succeeded
+
+
+def restart_redis(stack: Stack, client: httpx.Client) -> None:
+    """SIGTERM (Redis writes its append-only file), check the API says 503 meanwhile, start it again."""
+    assert stack.redis is not None
+    stack.redis.terminate()
+    stack.redis.wait(timeout=30)
+    for response in (client.post("/generate", json={"prompt": "hi"}), client.get(f"/task/{uuid.uuid4()}")):
+        assert response.status_code == 503 and "Redis" in response.json()["detail"]
+    stack.start_redis()
+
+
+def test_redis_restart_loses_no_queued_task_or_result(stack: Stack, client: httpx.Client) -> None:
+    finished, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=8))
+
+    restart_redis(stack, client)
+    stack.wait_healthy()
+    after, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=8))
+    assert after.status == TaskStatus.succeeded, "the worker did not reconnect"
+
+    stack.stop_worker(the_worker(stack))
+    queued = submit(client, prompt="What is the capital of France?", temperature=0, max_new_tokens=12)
+    restart_redis(stack, client)
+    assert view(client, queued).status == TaskStatus.queued
+    assert view(client, finished.task_id).text == finished.text
+    stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
+
+    done, _ = poll_until_finished(client, queued)
+    assert done.status == TaskStatus.succeeded and done.text
+
+
+def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None:
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=32)
+    assert stack.api is not None
+    stack.api.send_signal(signal.SIGKILL)
+    stack.api.wait()
+    stack.start_api()
+    stack.wait_healthy()
+    final, _ = poll_until_finished(client, task_id)
+    assert final.status == TaskStatus.succeeded and final.text
+
+
+def test_logs_hold_no_prompt(stack: Stack, client: httpx.Client) -> None:
+    secret = f"purple-elephant-{uuid.uuid4().hex[:8]}"
+    poll_until_finished(client, submit(client, prompt=f"Repeat: {secret}", temperature=0, max_new_tokens=4))
+    for log in Path(stack.logs).glob("*.log"):
+        assert secret not in log.read_text(errors="replace"), f"{log.name} holds the prompt"
