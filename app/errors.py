@@ -41,7 +41,8 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    """Redis being down is the one outage the API expects: answer 503, never hang or 500."""
+    """Bad input answers 422 whatever it holds; Redis being down, the one outage the API expects,
+    answers 503: never a hang or a 500."""
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(redis.RedisError, _redis_down)
     app.add_exception_handler(kombu.exceptions.OperationalError, _redis_down)

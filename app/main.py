@@ -15,6 +15,7 @@ from app import errors
 from app.deps import Services
 from app.routes import generate, health, tasks
 from app.security import authenticate
+from core.protocol import ErrorBody
 from core.settings import Settings, get_settings
 from core.store import TaskStore
 from model_loader.source import model_dir, model_name
@@ -44,6 +45,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+UNAUTHORIZED: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Missing or unknown API key"}
+}
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set.
 
@@ -59,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     for module in (generate, tasks):
-        app.include_router(module.router, dependencies=[Depends(authenticate)])
+        app.include_router(module.router, dependencies=[Depends(authenticate)], responses=UNAUTHORIZED)
     app.include_router(health.router)
     return app
 

@@ -123,7 +123,12 @@ async def run_load_async(
 
 
 def run_load(
-    url: str, submissions: int, clients: int, max_new_tokens: int, api_key: str | None = None, drain_timeout_s: float = 600
+    url: str,
+    submissions: int,
+    clients: int,
+    max_new_tokens: int,
+    api_key: str | None = None,
+    drain_timeout_s: float = 600,
 ) -> LoadReport:
     """`submissions` POSTs from `clients` concurrent clients, then every accepted task polled to its end."""
     return asyncio.run(run_load_async(url, submissions, clients, max_new_tokens, api_key, drain_timeout_s))

@@ -40,7 +40,8 @@ from model_loader.loader import LoadedModel, load_model
 from model_loader.sequential import SequentialEngine
 
 STORY = "Write a very long story about a lighthouse keeper and a storm."
-POLL_S = 0.01
+FINE_POLL_S = 0.01  # one poller timing its first chunk
+COARSE_POLL_S = 0.1  # many pollers at once: finer polling would take the worker's CPU on a small machine
 
 
 def greedy(tokens: int) -> SamplingParams:
@@ -127,10 +128,10 @@ def stack(quantization: str, concurrency: int) -> Iterator[Stack]:
         running.down()
 
 
-def run_task(client: httpx.Client, tokens: int, prompt: str = STORY) -> dict[str, float]:
+def run_task(client: httpx.Client, tokens: int, poll_s: float = FINE_POLL_S) -> dict[str, float]:
     """Submit and poll to the end; when the first and last chunks were seen, and the result."""
     submitted = time.perf_counter()
-    task_id = client.post("/generate", json={"prompt": prompt, "temperature": 0, "max_new_tokens": tokens}).json()[
+    task_id = client.post("/generate", json={"prompt": STORY, "temperature": 0, "max_new_tokens": tokens}).json()[
         "task_id"
     ]
     cursor, first, last = "0-0", None, None
@@ -143,7 +144,7 @@ def run_task(client: httpx.Client, tokens: int, prompt: str = STORY) -> dict[str
         cursor = view.cursor
         if view.status.finished:
             break
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
     assert view.status == TaskStatus.succeeded and view.timings and view.usage, view.error
     return {
         "tokens": view.usage.completion_tokens,
@@ -175,7 +176,7 @@ def aggregate(url: str, concurrent: int, tokens: int = 64) -> float:
 
     def one() -> None:
         with httpx.Client(base_url=url, timeout=60) as client:
-            results.append(run_task(client, tokens))
+            results.append(run_task(client, tokens, COARSE_POLL_S))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=one) for _ in range(concurrent)]
@@ -189,7 +190,7 @@ def aggregate(url: str, concurrent: int, tokens: int = 64) -> float:
 def one_at_a_time(url: str, count: int, tokens: int = 64) -> float:
     with httpx.Client(base_url=url, timeout=60) as client:
         started = time.perf_counter()
-        total = sum(run_task(client, tokens)["tokens"] for _ in range(count))
+        total = sum(run_task(client, tokens, COARSE_POLL_S)["tokens"] for _ in range(count))
     return total / (time.perf_counter() - started)
 
 
@@ -207,15 +208,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--parts", default="engine,tasks,concurrency", help="which groups of rows to measure")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     settings = Settings(quantization=args.quantization)
     rows: list[tuple[str, float]] = []
     with stack(args.quantization, concurrency=1) as single:
-        rows += progress(engine_rows(settings, single.redis_url, args.runs))
-        rows += progress(task_rows(single.url, args.runs))
-        rows += progress(concurrency_rows(single.url, "worker concurrency 1", args.runs))
-    with stack(args.quantization, concurrency=8) as batching:
-        rows += progress(concurrency_rows(batching.url, "worker concurrency 8", args.runs))
+        if "engine" in parts:
+            rows += progress(engine_rows(settings, single.redis_url, args.runs))
+        if "tasks" in parts:
+            rows += progress(task_rows(single.url, args.runs))
+        if "concurrency" in parts:
+            rows += progress(concurrency_rows(single.url, "worker concurrency 1", args.runs))
+    if "concurrency" in parts:
+        with stack(args.quantization, concurrency=8) as batching:
+            rows += progress(concurrency_rows(batching.url, "worker concurrency 8", args.runs))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, model "
           f"{settings.model_id} ({args.quantization}), greedy; medians of {args.runs} runs")
     width = max(len(label) for label, _ in rows)

@@ -48,8 +48,11 @@ json_values = st.recursive(
 roles = st.sampled_from(["system", "user", "assistant", "tool", ""])
 messages = st.lists(st.fixed_dictionaries({"role": roles, "content": hostile_text}), max_size=4) | json_values
 # Never absent or null: the worker would fall back to its default of hundreds of tokens.
-token_counts = st.sampled_from([1, 2]) | st.integers(min_value=LIMIT + 1) | st.integers(max_value=0) | json_values.filter(
-    lambda value: value is not None
+token_counts = (
+    st.sampled_from([1, 2])
+    | st.integers(min_value=LIMIT + 1)
+    | st.integers(max_value=0)
+    | json_values.filter(lambda value: value is not None)
 )
 generate_bodies = st.fixed_dictionaries(
     {"max_new_tokens": token_counts},
@@ -84,7 +87,12 @@ content_types = st.sampled_from(
     ["application/json", "text/plain", "application/x-www-form-urlencoded", "", "application/json; charset=latin-1"]
 )
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
-RAW_BODIES = [b'{"prompt": "hi", "max_new_tokens": ' + b"9" * 5000 + b"}", b"\xff\xfe{", b'{"prompt": "hi",', b"[" * 5000]
+RAW_BODIES = [
+    b'{"prompt": "hi", "max_new_tokens": ' + b"9" * 5000 + b"}",  # beyond Python's int digit limit
+    b"\xff\xfe{",  # not UTF-8
+    b'{"prompt": "hi",',  # cut short
+    b"[" * 5000,  # nested past the parser's recursion limit
+]
 
 
 def encode(value: object) -> bytes:
@@ -92,7 +100,9 @@ def encode(value: object) -> bytes:
     return json.dumps(value, allow_nan=True).encode()
 
 
-payloads = (valid_bodies | generate_bodies | json_values).map(encode) | st.sampled_from(RAW_BODIES) | st.binary(max_size=64)
+payloads = (
+    (valid_bodies | generate_bodies | json_values).map(encode) | st.sampled_from(RAW_BODIES) | st.binary(max_size=64)
+)
 
 
 def quoted(text: str) -> str:
@@ -130,7 +140,8 @@ def test_generate_never_fails_on_hostile_bodies_and_the_worker_survives(fuzz_cli
 
     finals = [poll_until_finished(fuzz_client, task_id)[0] for task_id in accepted]
     assert [(f.status, f.error) for f in finals if f.status != TaskStatus.succeeded] == []
-    final, _ = poll_until_finished(fuzz_client, submit(fuzz_client, prompt="What is the capital of France?", max_new_tokens=4))
+    normal = submit(fuzz_client, prompt="What is the capital of France?", max_new_tokens=4)
+    final, _ = poll_until_finished(fuzz_client, normal)
     assert final.status == TaskStatus.succeeded and final.text
 
 

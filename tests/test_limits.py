@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from core.settings import Settings
-from tests.conftest import free_port
+from devstack.processes import free_port
 from tests.extra_api import extra_api
 
 DEFAULTS = Settings(_env_file=None)
@@ -63,7 +63,9 @@ def test_prompt_over_the_character_limit_is_422_naming_the_field(client: httpx.C
 
 
 @pytest.fixture(scope="module")
-def unserved_api(redis_server: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def unserved_api(
+    redis_server: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """An API on Redis database 1, where no worker consumes: what it queues stays queued."""
     overrides = {"REDIS_URL": redis_server.rsplit("/", 1)[0] + "/1", "MAX_QUEUED_TASKS": "2"}
     with extra_api(stack_env, tmp_path_factory.mktemp("unserved"), overrides) as url:
@@ -90,7 +92,11 @@ def redis_down_api(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.parametrize(
     ("method", "path", "body"),
-    [("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 1}), ("GET", "/task/some-task", None), ("GET", "/health", None)],
+    [
+        ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 1}),
+        ("GET", "/task/some-task", None),
+        ("GET", "/health", None),
+    ],
 )
 def test_redis_down_is_503_at_once(redis_down_api: str, method: str, path: str, body: dict | None) -> None:
     started = time.monotonic()

@@ -98,7 +98,10 @@ def test_keys_and_prompts_stay_out_of_the_logs(keyed_api: str, keyed_logs: Path,
 
 
 def test_cors_allows_only_the_configured_origin(keyed_api: str) -> None:
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     allowed = httpx.options(f"{keyed_api}/generate", headers=preflight | {"Origin": ORIGIN}, timeout=30)
     refused = httpx.options(f"{keyed_api}/generate", headers=preflight | {"Origin": "https://evil.example"}, timeout=30)
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN

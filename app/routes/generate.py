@@ -20,7 +20,6 @@ router = APIRouter(tags=["generate"])
     status_code=status.HTTP_202_ACCEPTED,
     response_model=GenerateAccepted,
     responses={
-        401: {"model": ErrorBody},
         413: {"model": ErrorBody},
         422: {"description": "Invalid request"},
         429: {"model": ErrorBody, "description": "The queue is full; see Retry-After"},

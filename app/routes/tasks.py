@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Query
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
@@ -33,7 +33,7 @@ def get_task(
     response_model=CancelAccepted,
     responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}},
 )
-def cancel_task(task_id: Annotated[str, Path(max_length=64)], services: ServicesDep) -> CancelAccepted:
+def cancel_task(task_id: VisibleTaskId, services: ServicesDep) -> CancelAccepted:
     """A queued task is cancelled at once; a running one stops within a decoding step, keeping its text."""
     found = services.store.request_cancel(task_id)
     if found is None:
