@@ -21,6 +21,8 @@ import httpx
 from core.protocol import TaskView
 
 POLL_INTERVAL_S = 0.2
+# Below uvicorn's 5 s keep-alive timeout: a connection the server is closing is never reused.
+KEEPALIVE_EXPIRY_S = 2.0
 NO_ANSWER = 0  # the status recorded when the request failed without an HTTP answer
 
 T = TypeVar("T")
@@ -85,7 +87,11 @@ async def _submit(client: httpx.AsyncClient, index: int, max_new_tokens: int, re
 async def _final_status(client: httpx.AsyncClient, task_id: str, deadline: float) -> str:
     """Polls one task until it finishes; 'unfinished' if the deadline passes first."""
     while time.monotonic() < deadline:
-        response = await client.get(f"/task/{task_id}")
+        try:
+            response = await client.get(f"/task/{task_id}")
+        except httpx.TransportError:
+            await asyncio.sleep(POLL_INTERVAL_S)  # a poll is safe to repeat
+            continue
         if response.status_code == 200:
             view = TaskView.model_validate(response.json())
             if view.status.finished:
@@ -110,7 +116,7 @@ async def run_load_async(
 ) -> LoadReport:
     report = LoadReport(submitted=submissions)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=clients)
+    limits = httpx.Limits(max_connections=clients, keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
         started = time.monotonic()
         await _in_parallel(clients, [_submit(client, i, max_new_tokens, report) for i in range(submissions)])

@@ -18,6 +18,7 @@ Rows:
 import argparse
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
     parser.add_argument("--parts", default="engine,tasks,concurrency", help="which groups of rows to measure")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so `kill` still stops the stacks it started
     parts = set(args.parts.split(","))
     settings = Settings(quantization=args.quantization)
     rows: list[tuple[str, float]] = []

@@ -21,7 +21,7 @@ from tests.helpers import poll_until_finished, submit
 
 STORY = "Write a long story about a lighthouse keeper."
 TIME_LIMIT_S = 6
-REDELIVERY_S = 2 * TIME_LIMIT_S + 10 + 60  # visibility timeout, kombu's restore interval, a new worker's start
+REDELIVERY_S = 2 * TIME_LIMIT_S + 10 + 60  # visibility timeout, then the restore scan and a new worker's start
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
     body = b'{"prompt": "' + b"a" * DEFAULTS.max_request_bytes + b'"}'
     response = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
-    assert response.json()["detail"] == "Content Too Large"
+    assert response.text == "Content Too Large"  # Starlette's own answer when Content-Length is over
 
 
 def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:

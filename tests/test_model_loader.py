@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from model_loader.engine import Engine, FlushPolicy, SamplingParams
+from model_loader.engine import FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model, quantization_config
+from model_loader.sequential import SequentialEngine
 from tests.conftest import MODEL_CACHE
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0)
@@ -42,7 +43,7 @@ def test_nf4_is_smaller_than_fp32(nf4: LoadedModel) -> None:
 
 def test_nf4_generates_paris_on_the_cpu(nf4: LoadedModel) -> None:
     chunks: list[str] = []
-    outcome = Engine(nf4, FlushPolicy(every_tokens=2)).generate(paris_prompt(nf4), GREEDY, chunks.append)
+    outcome = SequentialEngine(nf4, FlushPolicy(every_tokens=2)).generate(paris_prompt(nf4), GREEDY, chunks.append)
     assert "Paris" in outcome.text
     assert "".join(chunks) == outcome.text
     assert outcome.prompt_tokens == len(paris_prompt(nf4)) and outcome.completion_tokens > 0

@@ -11,6 +11,9 @@ from core.settings import get_settings
 
 GENERATE_TASK = "generate"
 QUEUE = "chat"
+# How often a live worker looks for tasks a dead worker held past the visibility timeout. kombu's
+# default scans only every 10th 10 s tick, which can leave a task unclaimed for 100 s more.
+RESTORE_SCAN_S = 5
 
 
 def make_celery() -> Celery:
@@ -30,7 +33,11 @@ def make_celery() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": RESTORE_SCAN_S,
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
     )
     return app
