@@ -67,12 +67,13 @@ def test_health_and_docs_need_no_key(keyed_api: str, path: str) -> None:
 def test_a_task_is_visible_only_to_the_key_that_created_it(keyed_api: str) -> None:
     with as_key(keyed_api, KEY_A) as owner, as_key(keyed_api, KEY_B) as other:
         task_id = submit(owner, prompt="Hi", max_new_tokens=1)
+        stranger_cancel = other.delete(f"/task/{task_id}")
         final, _ = poll_until_finished(owner, task_id)
-        assert final.status == TaskStatus.succeeded
+        assert final.status == TaskStatus.succeeded  # the stranger's DELETE did not cancel it
 
         stranger = other.get(f"/task/{task_id}")
         unknown = other.get(f"/task/{uuid.uuid4()}")
-    assert stranger.status_code == unknown.status_code == 404
+    assert stranger_cancel.status_code == stranger.status_code == unknown.status_code == 404
     assert stranger.json()["detail"] == f"no task with id {task_id!r} (never submitted, or expired)"
 
 
