@@ -49,8 +49,10 @@ def greedy(tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=tokens, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0)
 
 
-def median_of(runs: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(runs))
+def side_by_side(runs: int, first: Callable[[], float], second: Callable[[], float]) -> tuple[float, float]:
+    """Medians of the two, run alternately, so a slow spell on a shared machine hits both alike."""
+    pairs = [(first(), second()) for _ in range(runs)]
+    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
 
 
 def progress(rows: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -100,11 +102,14 @@ def engine_rows(settings: Settings, redis_url: str, runs: int) -> list[tuple[str
     engine = SequentialEngine(loaded, FlushPolicy(settings.stream_flush_tokens, settings.stream_flush_ms / 1000))
     store = TaskStore(redis.Redis.from_url(redis_url), ttl_s=600)
     ids = prompt_ids(loaded)
-    plain_generate(loaded, ids, 8)  # warm-up, left out
-    plain = median_of(runs, lambda: plain_generate(loaded, ids, 128))
-    ours = median_of(runs, lambda: streamed_engine(engine, store, ids, 128))
-    loop = median_of(runs, lambda: no_cache_loop(loaded, ids, 256))
-    ours_256 = median_of(runs, lambda: streamed_engine(engine, store, ids, 256))
+    plain_generate(loaded, ids, 8)  # warm-ups, left out
+    streamed_engine(engine, store, ids, 8)
+    plain, ours = side_by_side(
+        runs, lambda: plain_generate(loaded, ids, 128), lambda: streamed_engine(engine, store, ids, 128)
+    )
+    loop, ours_256 = side_by_side(
+        runs, lambda: no_cache_loop(loaded, ids, 256), lambda: streamed_engine(engine, store, ids, 256)
+    )
     return [
         ("engine: plain generate, 128 tokens (tok/s)", plain),
         ("engine: ours streaming to Redis, 128 tokens (tok/s)", ours),
@@ -196,12 +201,14 @@ def one_at_a_time(url: str, count: int, tokens: int = 64) -> float:
 
 
 def concurrency_rows(url: str, label: str, runs: int) -> list[tuple[str, float]]:
+    """Each run measures every row in turn, so the ratio compares figures taken minutes apart at most."""
     aggregate(url, 2, tokens=8)  # warm-up, left out
-    rows = [(f"{label}: aggregate tok/s, {n} concurrent x 64 tokens", median_of(runs, lambda n=n: aggregate(url, n)))
-            for n in (1, 2, 4, 8)]
-    sequential = median_of(runs, lambda: one_at_a_time(url, 8))
+    levels = (1, 2, 4, 8)
+    samples = [[aggregate(url, n) for n in levels] + [one_at_a_time(url, 8)] for _ in range(runs)]
+    *concurrent, sequential = [statistics.median(column) for column in zip(*samples)]
+    rows = [(f"{label}: aggregate tok/s, {n} concurrent x 64 tokens", value) for n, value in zip(levels, concurrent)]
     rows.append((f"{label}: the same 8 one at a time (tok/s)", sequential))
-    rows.append((f"  ratio 8 concurrent / 8 one at a time ({label})", rows[3][1] / sequential))
+    rows.append((f"  ratio 8 concurrent / 8 one at a time ({label})", concurrent[-1] / sequential))
     return rows
 
 
