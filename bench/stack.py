@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,10 +81,21 @@ def plain_generate(loaded: LoadedModel, ids: list[int], tokens: int) -> float:
 
 
 def streamed_engine(engine: SequentialEngine, store: TaskStore, ids: list[int], tokens: int) -> float:
-    """Our engine, each chunk XADDed to a real Redis stream; timed like plain generate, call to last chunk."""
+    """Our engine as a worker runs it: each chunk appended to a task's Redis stream, and after every token
+    the task's cancel and attempt checked in Redis; timed like plain generate, call to last chunk."""
+    task_id = f"bench-{uuid.uuid4()}"
+    store.create(task_id)
+    attempt = store.start(task_id, "bench")
     started = time.perf_counter()
-    outcome = engine.generate(ids, greedy(tokens), on_chunk=lambda text: store.append_chunk("bench", text))
-    return outcome.completion_tokens / (time.perf_counter() - started)
+    outcome = engine.generate(
+        ids,
+        greedy(tokens),
+        on_chunk=lambda text: store.append_chunk(task_id, attempt, text),
+        interruption=lambda: store.stop_reason(task_id, attempt),
+    )
+    elapsed = time.perf_counter() - started
+    store.delete(task_id)
+    return outcome.completion_tokens / elapsed
 
 
 def no_cache_loop(loaded: LoadedModel, ids: list[int], tokens: int) -> float:

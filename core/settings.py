@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # Faults.
     task_time_limit_s: int = Field(600, ge=1, description="A generation running longer ends with finish_reason 'timeout'.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of a task whose worker keeps dying before it fails.")
+    worker_redis_retry_s: int = Field(
+        30, ge=1, description="How long a running task waits for Redis to come back before it is requeued."
+    )
 
     @property
     def visibility_timeout_s(self) -> int:

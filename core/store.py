@@ -1,10 +1,14 @@
 """The task store in Redis, shared by the API (writes the record, reads progress) and the worker.
 
-Per task: a hash `task:{id}` (status, timestamps, result or error) and a stream
+Per task: a hash `task:{id}` (status, attempt, timestamps, result or error) and a stream
 `task:{id}:chunks` of text chunks. Celery's own result backend is not used: it reports PENDING
 for ids it never saw and `update_state` overwrites, which would drop chunks. Stream entry ids
 are the cursors, so any number of pollers read from wherever they are. Both keys expire
 `result_ttl_s` after the last write.
+
+A worker's writes are fenced by its attempt number: a task delivered twice at once (a broker
+connection blip can do that) has its stream restarted by the newer attempt, and the older one's
+chunks and result are dropped, so no poller sees text from two attempts.
 """
 
 import json
@@ -17,19 +21,32 @@ from core.protocol import Chunk, GenerationResult, TaskStatus, TaskView
 START_CURSOR = "0-0"
 
 
-# KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), then
-# field/value pairs. Applies the fields only if the current status is allowed; returns it.
+SUPERSEDED = "superseded"
+
+# KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), the
+# attempt that must be current ('' for any), then field/value pairs. Applies the fields only if
+# the current status is allowed and the attempt matches; returns the status found, or
+# 'superseded' when another attempt has taken the task over.
 _TRANSITION_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return status end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[4] then return 'superseded' end
 if ARGV[3] == '1' then
   redis.call('HINCRBY', KEYS[1], 'attempt', 1)
   redis.call('DEL', KEYS[2])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return status
+"""
+
+# KEYS: record, chunks. ARGV: attempt, ttl, text. Appends only while that attempt is current.
+_APPEND_LUA = """
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'text', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
 """
 
 
@@ -46,6 +63,7 @@ class TaskStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition_script = client.register_script(_TRANSITION_LUA)
+        self._append_script = client.register_script(_APPEND_LUA)
 
     def create(self, task_id: str, owner: str | None = None) -> None:
         """Record the task before it is queued, so that the API can tell unknown ids from queued ones.
@@ -81,6 +99,16 @@ class TaskStore:
             return 0
         return int(self.redis.hget(_record_key(task_id), "attempt") or 0)
 
+    def stop_reason(self, task_id: str, attempt: int) -> str | None:
+        """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' by a newer attempt.
+
+        One round trip, asked after every token.
+        """
+        cancel, current = self.redis.hmget(_record_key(task_id), ["cancel_requested", "attempt"])
+        if cancel is not None:
+            return "cancelled"
+        return SUPERSEDED if current != str(attempt).encode() else None
+
     def request_cancel(self, task_id: str) -> TaskStatus | None:
         """Cancel a queued task at once, or flag a running one for its worker; returns the status found.
 
@@ -90,25 +118,26 @@ class TaskStore:
         before = self._transition(task_id, {TaskStatus.queued}, cancelled)
         if before == TaskStatus.running:
             before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
-        return before
+        return TaskStatus(before) if before else None
 
-    def cancel_requested(self, task_id: str) -> bool:
-        return bool(self.redis.hexists(_record_key(task_id), "cancel_requested"))
+    def append_chunk(self, task_id: str, attempt: int, text: str) -> bool:
+        """Append to the stream while `attempt` is the task's current one; False when it no longer is."""
+        keys = [_record_key(task_id), _chunks_key(task_id)]
+        return bool(self._append_script(keys=keys, args=[attempt, self.ttl_s, text]))
 
-    def append_chunk(self, task_id: str, text: str) -> None:
-        key = _chunks_key(task_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(key, {"text": text})
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
+    def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:
+        """Store the text and stats; a task that was stopped by a cancel ends `cancelled`.
 
-    def finish(self, task_id: str, result: GenerationResult) -> None:
-        """Store the text and stats; a task that was stopped by a cancel ends `cancelled`."""
+        False when a newer attempt has taken the task over (its result is the one that counts).
+        """
         status = TaskStatus.cancelled if result.finish_reason == "cancelled" else TaskStatus.succeeded
-        self._write(task_id, {"status": status, "result": result.model_dump_json()})
+        fields = {"status": status, "result": result.model_dump_json()}
+        return self._transition(task_id, {TaskStatus.running}, fields, attempt=attempt) == TaskStatus.running
 
-    def fail(self, task_id: str, error: str) -> None:
-        self._write(task_id, {"status": TaskStatus.failed, "error": error})
+    def fail(self, task_id: str, error: str, attempt: int | None = None) -> None:
+        """End the task `failed`, unless it has already ended or (given `attempt`) a newer attempt runs it."""
+        fields = {"status": TaskStatus.failed, "error": error}
+        self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, attempt=attempt)
 
     def view(self, task_id: str, after: str = START_CURSOR) -> TaskView | None:
         """One consistent snapshot of record and chunks; None for an id never submitted (or expired)."""
@@ -121,14 +150,23 @@ class TaskStore:
         return _to_view(task_id, record, entries, after)
 
     def _transition(
-        self, task_id: str, allowed: set[TaskStatus], fields: dict[str, object], new_attempt: bool = False
-    ) -> TaskStatus | None:
-        """Compare-and-set in one Lua call, so the API's cancel and the worker's start cannot interleave."""
-        args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt)]
+        self,
+        task_id: str,
+        allowed: set[TaskStatus],
+        fields: dict[str, object],
+        new_attempt: bool = False,
+        attempt: int | None = None,
+    ) -> str | None:
+        """Compare-and-set in one Lua call, so the API's cancel and the worker's start cannot interleave.
+
+        Returns the status found (the fields were applied if it is in `allowed`), SUPERSEDED when
+        `attempt` is no longer current, None for an unknown task.
+        """
+        args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
         for key, value in fields.items():
             args += [key, str(value)]
         before = self._transition_script(keys=[_record_key(task_id), _chunks_key(task_id)], args=args)
-        return TaskStatus(before.decode()) if before else None
+        return before.decode() if before else None
 
     def _write(self, task_id: str, fields: dict[str, object]) -> None:
         key = _record_key(task_id)

@@ -80,6 +80,9 @@ class BatchingEngine:
         request_id, outputs = self._submit(input_ids, params)
         try:
             last = self._consume(request_id, outputs, sink)
+        except BaseException:
+            self._manager.cancel_request(request_id)  # so the batch does not go on decoding it for nobody
+            raise
         finally:
             with self._queues_lock:
                 self._queues.pop(request_id, None)

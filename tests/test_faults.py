@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from core.protocol import TaskStatus, TaskView
+from core.protocol import GenerateRequest, TaskStatus, TaskView
 from core.store import TaskStore
 from devstack.processes import Stack, wait_until
 from tests.helpers import poll_until_finished, submit
@@ -96,14 +96,19 @@ def test_time_limit_ends_a_task_with_its_partial_text(client: httpx.Client) -> N
     assert final.timings and TIME_LIMIT_S <= final.timings.generation_s < TIME_LIMIT_S + 5
 
 
+def send_raw(stack: Stack, task_id: str, payload: dict) -> None:
+    """A Celery message sent by hand, as the API would send it (or as no API would)."""
+    sender = Celery(broker=stack.redis_url)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    sender.send_task("generate", args=[payload], task_id=task_id, queue="chat")
+
+
 def test_a_task_the_worker_cannot_run_fails_with_a_message_and_the_worker_goes_on(
     stack: Stack, client: httpx.Client
 ) -> None:
     task_id = str(uuid.uuid4())
     TaskStore(redis.Redis.from_url(stack.redis_url), ttl_s=600).create(task_id)
-    sender = Celery(broker=stack.redis_url)
-    sender.conf.update(task_serializer="json", accept_content=["json"])
-    sender.send_task("generate", args=[{"prompt": 42}], task_id=task_id, queue="chat")
+    send_raw(stack, task_id, {"prompt": 42})
 
     failed, _ = poll_until_finished(client, task_id)
     assert failed.status == TaskStatus.failed and "could not read this task" in (failed.error or "")
@@ -138,6 +143,40 @@ def test_redis_restart_loses_no_queued_task_or_result(stack: Stack, client: http
 
     done, _ = poll_until_finished(client, queued)
     assert done.status == TaskStatus.succeeded and done.text
+
+
+def test_redis_restart_mid_generation_loses_nothing(stack: Stack, client: httpx.Client) -> None:
+    """The worker's writes wait for Redis to come back (WORKER_REDIS_RETRY_S), and the generation goes on."""
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=32)
+    wait_for_attempt(client, task_id, 1)
+    restart_redis(stack, client)
+
+    final, seen = poll_until_finished(client, task_id)
+    assert final.status == TaskStatus.succeeded and final.attempt == 1, final.error
+    assert final.text and "".join(c.text for v in seen for c in v.chunks) == final.text
+
+
+def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, client: httpx.Client) -> None:
+    """What a broker blip can do (celery #5935): the same task delivered to a second worker while the first runs it.
+
+    The newer attempt restarts the stream; the older one notices at its next token, stops, and its
+    chunks and result are dropped, so pollers see one attempt's text and one result.
+    """
+    stack.start_worker("second")
+    stack.wait_healthy()
+    wait_until(lambda: "2 answering" in client.get("/health").json()["workers"]["detail"], 120, "the second worker")
+    body = GenerateRequest(prompt=STORY, temperature=0, max_new_tokens=48)
+    task_id = submit(client, **body.model_dump(exclude_none=True))
+    wait_for_attempt(client, task_id, 1)
+    first_worker = view(client, task_id).worker
+    send_raw(stack, task_id, body.model_dump(mode="json"))
+
+    final, seen = poll_until_finished(client, task_id)
+    stack.stop_worker("second")
+    assert final.status == TaskStatus.succeeded and final.attempt == 2
+    assert final.worker != first_worker, "the superseded attempt's result was stored"
+    assert all(final.text.startswith(v.text) for v in seen if v.attempt == 2)
+    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text
 
 
 def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None:

@@ -2,7 +2,9 @@
 
 from functools import cached_property
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 from pydantic import ValidationError
 
@@ -22,12 +24,21 @@ class GenerationTask(Task):
 
 @app.task(name=GENERATE_TASK, base=GenerationTask, bind=True)
 def generate(self: GenerationTask, request: dict) -> None:
+    """A task whose state cannot be written (Redis gone for longer than the store retries) goes
+    back to the queue rather than being acknowledged as done: it runs again as a new attempt."""
+    try:
+        _run(self, request)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Reject(f"Redis unreachable: {exc}", requeue=True) from exc
+
+
+def _run(task: GenerationTask, request: dict) -> None:
     try:
         parsed = GenerateRequest.model_validate(request)
     except ValidationError as exc:  # an API of another version, or a message not sent by the API
-        self.runtime.store.fail(self.request.id, f"the worker could not read this task: {exc.errors()[0]['msg']}")
+        task.runtime.store.fail(task.request.id, f"the worker could not read this task: {exc.errors()[0]['msg']}")
         return
-    self.runtime.run(self.request.id, parsed, worker=self.request.hostname or "")
+    task.runtime.run(task.request.id, parsed, worker=task.request.hostname or "")
 
 
 @worker_init.connect
