@@ -1,9 +1,11 @@
 """`make run`: Redis (REDIS_URL if it answers, else a local redis-server), one worker and the API.
 
-Ctrl-C stops them all. Logs go to the terminal; Redis data lives under ./var/redis.
+Ctrl-C (or SIGTERM, as from `kill` or a process manager) stops them all. Logs go to the
+terminal; Redis data lives under ./var/redis.
 """
 
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,8 @@ VAR = Path("var")
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     settings = get_settings()
     processes: list[subprocess.Popen] = []
     try:
@@ -35,6 +39,11 @@ def main() -> int:
         return 0
     finally:
         _stop(processes)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM stops the stack as Ctrl-C does; SIGINT too, even where a shell started us ignoring it."""
+    raise KeyboardInterrupt
 
 
 def _wait(processes: list[subprocess.Popen]) -> int:
