@@ -5,6 +5,7 @@ Redis's visibility timeout, takes seconds rather than minutes) and at most two a
 """
 
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.helpers import poll_until_finished, submit
 
 STORY = "Write a long story about a lighthouse keeper."
 TIME_LIMIT_S = 6
+REDIS_RETRY_S = 5  # a worker rides out a Redis restart shorter than this, and requeues its task past it
 REDELIVERY_S = 2 * TIME_LIMIT_S + 10 + 60  # visibility timeout, then the restore scan and a new worker's start
 
 
@@ -32,6 +34,7 @@ def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         QUANTIZATION="none",
         TASK_TIME_LIMIT_S=str(TIME_LIMIT_S),
         MAX_ATTEMPTS="2",
+        WORKER_REDIS_RETRY_S=str(REDIS_RETRY_S),
     )
     yield running.up()
     running.down()
@@ -116,13 +119,15 @@ def test_a_task_the_worker_cannot_run_fails_with_a_message_and_the_worker_goes_o
     assert after.status == TaskStatus.succeeded
 
 
-def restart_redis(stack: Stack, client: httpx.Client) -> None:
-    """SIGTERM (Redis writes its append-only file), check the API says 503 meanwhile, start it again."""
+def restart_redis(stack: Stack, client: httpx.Client, down_s: float = 0) -> None:
+    """SIGTERM (Redis writes its append-only file), check the API says 503 meanwhile, start it again
+    (after `down_s`: an outage of that length is the point of some tests)."""
     assert stack.redis is not None
     stack.redis.terminate()
     stack.redis.wait(timeout=30)
     for response in (client.post("/generate", json={"prompt": "hi"}), client.get(f"/task/{uuid.uuid4()}")):
         assert response.status_code == 503 and "Redis" in response.json()["detail"]
+    time.sleep(down_s)
     stack.start_redis()
 
 
@@ -154,6 +159,17 @@ def test_redis_restart_mid_generation_loses_nothing(stack: Stack, client: httpx.
     final, seen = poll_until_finished(client, task_id)
     assert final.status == TaskStatus.succeeded and final.attempt == 1, final.error
     assert final.text and "".join(c.text for v in seen for c in v.chunks) == final.text
+
+
+def test_redis_away_longer_than_the_worker_waits_requeues_the_task(stack: Stack, client: httpx.Client) -> None:
+    """Past WORKER_REDIS_RETRY_S the worker gives the task back to the queue instead of acknowledging it."""
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=32)
+    wait_for_attempt(client, task_id, 1)
+    restart_redis(stack, client, down_s=REDIS_RETRY_S + 3)
+
+    final, seen = poll_until_finished(client, task_id)
+    assert final.status == TaskStatus.succeeded and final.attempt == 2, final.error
+    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text
 
 
 def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, client: httpx.Client) -> None:
