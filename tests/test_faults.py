@@ -179,16 +179,16 @@ def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, cl
     chunks and result are dropped, so pollers see one attempt's text and one result.
     """
     stack.start_worker("second")
-    stack.wait_healthy()
-    wait_until(lambda: "2 answering" in client.get("/health").json()["workers"]["detail"], 120, "the second worker")
-    body = GenerateRequest(prompt=STORY, temperature=0, max_new_tokens=48)
-    task_id = submit(client, **body.model_dump(exclude_none=True))
-    wait_for_attempt(client, task_id, 1)
-    first_worker = view(client, task_id).worker
-    send_raw(stack, task_id, body.model_dump(mode="json"))
-
-    final, seen = poll_until_finished(client, task_id)
-    stack.stop_worker("second")
+    try:
+        wait_until(lambda: "2 answering" in client.get("/health").json()["workers"]["detail"], 120, "a second worker")
+        body = GenerateRequest(prompt=STORY, temperature=0, max_new_tokens=48)
+        task_id = submit(client, **body.model_dump(exclude_none=True))
+        wait_for_attempt(client, task_id, 1)
+        first_worker = view(client, task_id).worker
+        send_raw(stack, task_id, body.model_dump(mode="json"))
+        final, seen = poll_until_finished(client, task_id)
+    finally:
+        stack.stop_worker("second")  # the other tests expect the stack's one worker
     assert final.status == TaskStatus.succeeded and final.attempt == 2
     assert final.worker != first_worker, "the superseded attempt's result was stored"
     assert all(final.text.startswith(v.text) for v in seen if v.attempt == 2)
