@@ -25,20 +25,23 @@ SUPERSEDED = "superseded"
 
 # KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), the
 # attempt that must be current ('' for any), then field/value pairs. Applies the fields only if
-# the current status is allowed and the attempt matches; returns the status found, or
-# 'superseded' when another attempt has taken the task over.
+# the current status is allowed and the attempt matches; returns {status found, attempt after},
+# with 'superseded' as the status when another attempt has taken the task over. The attempt
+# comes back from the same script that counted it up, so two deliveries that start at once
+# cannot both read the newer number.
 _TRANSITION_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
-if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return status end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[4] then return 'superseded' end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return {status, attempt} end
+if ARGV[4] ~= '' and tostring(attempt) ~= ARGV[4] then return {'superseded', attempt} end
 if ARGV[3] == '1' then
-  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+  attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
   redis.call('DEL', KEYS[2])
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return status
+return {status, attempt}
 """
 
 # KEYS: record, chunks. ARGV: attempt, ttl, text. Appends only while that attempt is current.
@@ -94,10 +97,10 @@ class TaskStore:
         up and its chunk stream starts afresh, so no poller sees text from two attempts.
         """
         fields = {"status": TaskStatus.running, "started_at": time.time(), "worker": worker}
-        before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True)
-        if before not in (TaskStatus.queued, TaskStatus.running):
-            return 0
-        return int(self.redis.hget(_record_key(task_id), "attempt") or 0)
+        before, attempt = self._transition_with_attempt(
+            task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True
+        )
+        return attempt if before in (TaskStatus.queued, TaskStatus.running) else 0
 
     def stop_reason(self, task_id: str, attempt: int) -> str | None:
         """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' by a newer attempt.
@@ -162,11 +165,25 @@ class TaskStore:
         Returns the status found (the fields were applied if it is in `allowed`), SUPERSEDED when
         `attempt` is no longer current, None for an unknown task.
         """
+        return self._transition_with_attempt(task_id, allowed, fields, new_attempt, attempt)[0]
+
+    def _transition_with_attempt(
+        self,
+        task_id: str,
+        allowed: set[TaskStatus],
+        fields: dict[str, object],
+        new_attempt: bool = False,
+        attempt: int | None = None,
+    ) -> tuple[str | None, int]:
+        """`_transition`, and the task's attempt number once the script has run (0 for an unknown task)."""
         args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
         for key, value in fields.items():
             args += [key, str(value)]
-        before = self._transition_script(keys=[_record_key(task_id), _chunks_key(task_id)], args=args)
-        return before.decode() if before else None
+        found = self._transition_script(keys=[_record_key(task_id), _chunks_key(task_id)], args=args)
+        if not found:
+            return None, 0
+        status, current = found
+        return status.decode(), int(current)
 
     def _write(self, task_id: str, fields: dict[str, object]) -> None:
         key = _record_key(task_id)
