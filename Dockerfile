@@ -1,13 +1,16 @@
 # One image for every role: docker-compose.yml runs it as the API or as a GPU worker by `command`.
 FROM python:3.11-slim
 
+# API_HOST says where CMD's uvicorn listens: the API's refusal to start open with no API_KEYS reads it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODEL_CACHE_DIR=/cache/models \
-    HF_HOME=/cache/hf
+    HF_HOME=/cache/hf \
+    API_HOST=0.0.0.0 \
+    API_PORT=8000
 
 WORKDIR /app
 

@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 REDIS_DOWN = "the task queue (Redis) is unreachable; try again shortly"
 
 
-def field_error(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
-    """A 422 in FastAPI's own shape, naming the body field at fault."""
-    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+def field_error(field: str | tuple[str | int, ...], message: str, kind: str = "value_error") -> RequestValidationError:
+    """A 422 in FastAPI's own shape, naming the body field at fault (a name, or a path such as
+    `("messages", 2, "content")`)."""
+    loc = (field,) if isinstance(field, str) else field
+    return RequestValidationError([{"loc": ("body", *loc), "msg": message, "type": kind}])
 
 
 def task_not_found(task_id: str) -> HTTPException:

@@ -1,6 +1,7 @@
-"""What the API refuses to take on: oversized prompts (422) and more tasks than the queue may hold (429).
+"""What the API refuses to take on: oversized prompts (422), options its workers lack (422) and more
+tasks than the queue may hold (429).
 
-Each check runs before the expensive step it protects: the prompt limit before the prompt is
+Each check runs before the expensive step it protects: the prompt limits before the prompt is
 tokenized, the queue limit before a task is recorded. (Oversized bodies are FastAPI's own
 `max_body_size`, set in app.main.)
 """
@@ -18,6 +19,24 @@ QUEUE_FULL_RETRY_AFTER_S = 5
 # kombu's Redis transport keeps a queue as one list per priority step: the plain name for
 # priority 0, then "<name>\x06\x16<step>" for the others.
 QUEUE_KEYS = [QUEUE] + [f"{QUEUE}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
+
+
+def check_message_count(body: GenerateRequest, limit: int) -> None:
+    """Each message costs template work however short it is, so their number is bounded on its own."""
+    if body.messages is not None and len(body.messages) > limit:
+        raise field_error("messages", f"holds {len(body.messages)} messages, above this server's limit of {limit}")
+
+
+def check_batching_options(body: GenerateRequest, worker_concurrency: int) -> None:
+    """Batched decoding (WORKER_CONCURRENCY > 1) shares one sampler and has no repetition penalty."""
+    if worker_concurrency == 1:
+        return
+    if body.seed is not None:
+        raise field_error("seed", "seeded sampling needs WORKER_CONCURRENCY=1 on this server (it batches requests)")
+    if body.repetition_penalty not in (None, 1.0):
+        raise field_error(
+            "repetition_penalty", "repetition_penalty needs WORKER_CONCURRENCY=1 on this server (it batches requests)"
+        )
 
 
 def check_prompt_chars(body: GenerateRequest, limit: int) -> None:

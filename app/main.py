@@ -1,13 +1,14 @@
 """The FastAPI app: builds the services once at startup and mounts the routes.
 
-Run with `uvicorn app.main:app` (or `python -m app`, which reads host and port from settings).
+Run with `uvicorn app.main:app --host "$API_HOST" --port "$API_PORT"`: the exposure check reads
+API_HOST, so the two must agree (devstack and compose pass the settings' values).
 """
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -16,6 +17,7 @@ from app.deps import Services
 from app.routes import generate, health, tasks
 from app.security import authenticate
 from core.protocol import ErrorBody
+from core.redis_client import connect
 from core.settings import Settings, get_settings
 from core.store import TaskStore
 from model_loader.source import model_dir, model_name
@@ -27,20 +29,42 @@ def build_services() -> Services:
     """The tokenizer is loaded here (no torch) so that prompts are budgeted before they are queued."""
     settings = get_settings()
     folder = model_dir(settings, tokenizer_only=True)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = connect(settings.redis_url)
     return Services(
         settings=settings,
         redis=client,
         store=TaskStore(client, settings.result_ttl_s),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
-        context_window=context_window(folder, settings.context_window),
+        context_window=settings.usable_context(context_window(folder, settings.context_window)),
     )
+
+
+def check_exposure(settings: Settings) -> None:
+    """An API that anyone on the network can reach and that needs no key is a mistake more often
+    than a choice: it refuses to start unless ALLOW_OPEN_API says it is a choice."""
+    if settings.accepted_api_keys or settings.allow_open_api or _is_loopback(settings.api_host):
+        return
+    raise RuntimeError(
+        f"refusing to serve without API_KEYS on {settings.api_host}, beyond this machine: set API_KEYS, "
+        "or ALLOW_OPEN_API=true to serve an open API on purpose, or API_HOST=127.0.0.1"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    logging.basicConfig(level=get_settings().log_level)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level)
+    check_exposure(settings)
     app.state.services = build_services()
     yield
 

@@ -8,15 +8,14 @@ gets the same 404 as for an id that does not exist.
 
 import hashlib
 import hmac
+import uuid
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path
+from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
-
-TASK_ID_MAX_LENGTH = 64
 
 bearer = HTTPBearer(auto_error=False, description="An API key, when the server sets API_KEYS.")
 
@@ -41,6 +40,17 @@ def authenticate(
     return tag
 
 
+def may_read_details(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> bool:
+    """For public routes (`/health`): whether the caller could use the others, without a 401 if not."""
+    keys = services.settings.accepted_api_keys
+    return not keys or (credentials is not None and _known(owner_tag(credentials.credentials), keys))
+
+
+MayReadDetails = Annotated[bool, Depends(may_read_details)]
+
+
 def _known(tag: str, keys: list[str]) -> bool:
     """Compares fixed-length digests in constant time, against every key, so timing tells nothing."""
     matches = [hmac.compare_digest(tag, owner_tag(key)) for key in keys]
@@ -54,13 +64,25 @@ def _unauthorized(detail: str) -> HTTPException:
 CallerTag = Annotated[str | None, Depends(authenticate)]
 
 
-def visible_task_id(
-    task_id: Annotated[str, Path(max_length=TASK_ID_MAX_LENGTH)], caller: CallerTag, services: ServicesDep
-) -> str:
-    """The path's task id, once the caller may see that task; with no keys every task is visible."""
+def visible_task_id(task_id: str, caller: CallerTag, services: ServicesDep) -> str:
+    """The path's task id, once the caller may see that task; with no keys every task is visible.
+
+    Ids are the UUIDs the API hands out, checked before Redis is asked: any other string (such as
+    `<id>:chunks`, the name of a task's stream) is a 404 and never reaches a key of the store.
+    """
+    if not _is_task_id(task_id):
+        raise HTTPException(status_code=404, detail=f"no task with id {task_id[:80]!r}: task ids are UUIDs")
     if caller is not None and services.store.owner(task_id) != caller:
         raise task_not_found(task_id)
     return task_id
+
+
+def _is_task_id(text: str) -> bool:
+    """The canonical lowercase form only, so that one task has one id."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 VisibleTaskId = Annotated[str, Depends(visible_task_id)]

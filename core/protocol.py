@@ -7,7 +7,7 @@ context window) are checked by the API against the settings.
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Role(StrEnum):
@@ -19,6 +19,10 @@ class Role(StrEnum):
 # Logits are divided by these: much smaller values overflow float32 and the sampler fails.
 MIN_TEMPERATURE = 1e-3
 MIN_REPETITION_PENALTY = 1e-3
+# Stop strings are searched for after every token: their sizes bound that work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 64
+MAX_STOP_TOTAL_CHARS = 1024
 
 
 def _encodable(text: str) -> str:
@@ -41,38 +45,62 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 class ChatMessage(BaseModel):
     role: Role
-    content: Text
+    content: Text = Field(min_length=1)
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 
 
 class GenerateRequest(BaseModel):
-    """A prompt or a conversation, and how to sample the answer (None means the server default)."""
+    """A prompt or a conversation, and how to sample the answer (None means the server default).
+
+    Every check names the field at fault (`loc`), so each rule sits in that field's validator;
+    fields are validated in the order written, which is why `system_prompt` comes before
+    `messages`, whose checks need it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: Text | None = Field(None, min_length=1)
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
     system_prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: Annotated[float, AfterValidator(_greedy_or_warm)] | None = Field(
         None, ge=0, description="0 means greedy decoding."
     )
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k; above the vocabulary it is the vocabulary.")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
-    stop: list[Text] = Field(default_factory=list, max_length=16)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "GenerateRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.prompt is not None and not self.prompt.strip():
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str | None) -> str | None:
+        if prompt is not None and not prompt.strip():
             raise ValueError("'prompt' is blank")
-        if any(not s for s in self.stop):
-            raise ValueError("'stop' strings must not be empty")
-        if self.messages is not None:
-            _check_roles(self.messages, has_system_prompt=self.system_prompt is not None)
-        return self
+        return prompt
+
+    @field_validator("messages")
+    @classmethod
+    def _one_source(cls, messages: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if "prompt" not in info.data:  # the prompt itself was refused; that error says enough
+            return messages
+        if (info.data["prompt"] is None) == (messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if messages is not None:
+            _check_roles(messages, has_system_prompt=info.data.get("system_prompt") is not None)
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: list[str]) -> list[str]:
+        total = sum(len(s) for s in stop)
+        if total > MAX_STOP_TOTAL_CHARS:
+            raise ValueError(
+                f"'stop' strings hold {total} characters together, above the limit of {MAX_STOP_TOTAL_CHARS}"
+            )
+        return stop
 
     def conversation(self) -> list[ChatMessage]:
         """The request as messages, whichever way it was given."""

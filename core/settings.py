@@ -66,9 +66,18 @@ class Settings(BaseSettings):
     max_queued_tasks: int = Field(1000, ge=1, description="POST /generate answers 429 while this many tasks wait.")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
     max_prompt_chars: int = Field(100_000, ge=1, description="Prompt (or message contents) plus system prompt.")
+    max_messages: int = Field(256, ge=1, description="Most messages one request may hold; more answers 422.")
     api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated keys the API accepts; empty means open.")
     api_key: SecretStr | None = Field(None, description="The key run_client.py sends.")
     cors_origins: str = Field("", description="Comma-separated origins browsers may call from; empty means none.")
+    allow_open_api: bool = Field(
+        False, description="Let the API listen beyond loopback with no API_KEYS; without it, it refuses to start."
+    )
+
+    def usable_context(self, model_window: int) -> int:
+        """Tokens one request may use: batched requests share the KV cache, and a request larger
+        than the whole cache would stop the batching engine rather than wait for room."""
+        return model_window if self.worker_concurrency == 1 else min(model_window, self.kv_cache_tokens)
 
     @property
     def base_url(self) -> str:

@@ -4,7 +4,8 @@ Per task: a hash `task:{id}` (status, attempt, timestamps, result or error) and 
 `task:{id}:chunks` of text chunks. Celery's own result backend is not used: it reports PENDING
 for ids it never saw and `update_state` overwrites, which would drop chunks. Stream entry ids
 are the cursors, so any number of pollers read from wherever they are. Both keys expire
-`result_ttl_s` after the last write.
+`result_ttl_s` after the last write, except that a queued task's record does not expire while
+its message waits in the queue, however long the backlog.
 
 A worker's writes are fenced by its attempt number: a task delivered twice at once (a broker
 connection blip can do that) has its stream restarted by the newer attempt, and the older one's
@@ -44,6 +45,16 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {status, attempt}
 """
 
+# KEYS: record. Takes the expiry off a record that is still queued (one a worker has started
+# keeps the expiry its start set).
+_HOLD_LUA = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then return redis.call('PERSIST', KEYS[1]) end
+return 0
+"""
+
+# A record whose message was never sent (the API died in between) expires after this.
+UNSENT_TTL_S = 600
+
 # KEYS: record, chunks. ARGV: attempt, ttl, text. Appends only while that attempt is current.
 _APPEND_LUA = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
@@ -67,6 +78,7 @@ class TaskStore:
         self.ttl_s = ttl_s
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._append_script = client.register_script(_APPEND_LUA)
+        self._hold_script = client.register_script(_HOLD_LUA)
 
     def create(self, task_id: str, owner: str | None = None) -> None:
         """Record the task before it is queued, so that the API can tell unknown ids from queued ones.
@@ -76,7 +88,20 @@ class TaskStore:
         fields: dict[str, object] = {"status": TaskStatus.queued, "enqueued_at": time.time()}
         if owner is not None:
             fields["owner"] = owner
-        self._write(task_id, fields)
+        key = _record_key(task_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(key, min(self.ttl_s, UNSENT_TTL_S))
+        pipe.execute()
+
+    def hold_while_queued(self, task_id: str) -> None:
+        """Once the task's message is in the queue, its record stays as long as the message waits.
+
+        A backlog longer than the TTL would otherwise expire the record of a task still queued,
+        and the worker that finally takes it would find nothing to run. The worker's start (or a
+        cancel) sets the expiry again.
+        """
+        self._hold_script(keys=[_record_key(task_id)])
 
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
@@ -184,14 +209,6 @@ class TaskStore:
             return None, 0
         status, current = found
         return status.decode(), int(current)
-
-    def _write(self, task_id: str, fields: dict[str, object]) -> None:
-        key = _record_key(task_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.expire(key, self.ttl_s)
-        pipe.expire(_chunks_key(task_id), self.ttl_s)
-        pipe.execute()
 
 
 def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str) -> TaskView:

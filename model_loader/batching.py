@@ -9,6 +9,13 @@ stops early is cancelled in the manager so its slot frees at once.
 
 The manager samples from one generator for the whole batch and has no repetition penalty, so
 those two request options exist only at a concurrency of 1 (the API refuses them here).
+
+Any exception in the manager's loop (a request it cannot take, CUDA out of memory) ends its
+decoding thread and fails every request in flight. The engine then starts a fresh manager on
+the same model (a fraction of a second) and raises `EngineRestarted` for each of those
+requests, so their tasks go back to the queue and run again instead of failing, while the
+worker goes on serving. Which request caused it cannot be told apart; a request that breaks the
+engine every time it runs ends after `MAX_ATTEMPTS`, like one that kills its worker.
 """
 
 import logging
@@ -17,14 +24,18 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import ContinuousBatchingManager
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from core.settings import Settings
 from model_loader.engine import (
+    EngineBroken,
+    EngineRestarted,
     FlushPolicy,
     Interruption,
     Outcome,
@@ -48,24 +59,20 @@ class BatchingEngine:
     def __init__(self, loaded: LoadedModel, flush: FlushPolicy, settings: Settings) -> None:
         self.loaded = loaded
         self.flush = flush
+        self._settings = settings
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
         self._vocab_size = loaded.model.config.get_text_config().vocab_size
         self._queues: dict[str, queue.Queue[GenerationOutput]] = {}
         self._queues_lock = threading.Lock()
-        self._manager = loaded.model.init_continuous_batching(
-            generation_config=_generation_config(settings, self._eos_ids),
-            continuous_batching_config=ContinuousBatchingConfig(
-                per_request_processors=True,
-                page_size=PAGE_SIZE,
-                num_blocks=math.ceil(settings.kv_cache_tokens / PAGE_SIZE),
-                max_batch_tokens=settings.max_batch_tokens,
-            ),
-        )
-        self._manager.start()
-        threading.Thread(target=self._route_outputs, name="cb-router", daemon=True).start()
+        self._manager_lock = threading.Lock()
+        self._manager = self._start_manager()
         log.info("continuous batching: up to %d tasks, %d KV-cache tokens", settings.worker_concurrency,
                  settings.kv_cache_tokens)
+
+    @property
+    def ready(self) -> bool:
+        return self._manager.is_running()
 
     def generate(
         self,
@@ -77,11 +84,12 @@ class BatchingEngine:
         if params.seed is not None or params.repetition_penalty != 1.0:
             raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 (batched decoding lacks them)")
         sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        request_id, outputs = self._submit(input_ids, params)
+        manager = self._running_manager()
+        request_id, outputs = self._submit(manager, input_ids, params)
         try:
-            last = self._consume(request_id, outputs, sink)
+            last = self._consume(manager, request_id, outputs, sink)
         except BaseException:
-            self._manager.cancel_request(request_id)  # so the batch does not go on decoding it for nobody
+            manager.cancel_request(request_id)  # so the batch does not go on decoding it for nobody
             raise
         finally:
             with self._queues_lock:
@@ -93,12 +101,40 @@ class BatchingEngine:
         """Stop the decoding thread, so the worker process can exit."""
         self._manager.stop(block=True, timeout=10)
 
-    def _submit(self, input_ids: list[int], params: SamplingParams) -> tuple[str, queue.Queue[GenerationOutput]]:
+    def _start_manager(self) -> ContinuousBatchingManager:
+        manager = self.loaded.model.init_continuous_batching(
+            generation_config=_generation_config(self._settings, self._eos_ids),
+            continuous_batching_config=ContinuousBatchingConfig(
+                per_request_processors=True,
+                page_size=PAGE_SIZE,
+                num_blocks=math.ceil(self._settings.kv_cache_tokens / PAGE_SIZE),
+                max_batch_tokens=self._settings.max_batch_tokens,
+            ),
+        )
+        manager.start()
+        threading.Thread(target=self._route_outputs, args=(manager,), name="cb-router", daemon=True).start()
+        return manager
+
+    def _running_manager(self) -> ContinuousBatchingManager:
+        """The manager, after starting a fresh one if its decoding thread has died."""
+        with self._manager_lock:
+            if not self._manager.is_running():
+                log.error("the batching engine's decoding thread has stopped; starting a fresh one")
+                self._manager.stop(block=True, timeout=10)
+                try:
+                    self._manager = self._start_manager()
+                except Exception as exc:
+                    raise EngineBroken(f"the batching engine could not start again: {exc}") from exc
+            return self._manager
+
+    def _submit(
+        self, manager: ContinuousBatchingManager, input_ids: list[int], params: SamplingParams
+    ) -> tuple[str, queue.Queue[GenerationOutput]]:
         request_id = uuid.uuid4().hex
         outputs: queue.Queue[GenerationOutput] = queue.Queue()
         with self._queues_lock:
             self._queues[request_id] = outputs
-        self._manager.add_request(
+        manager.add_request(
             input_ids,
             request_id=request_id,
             max_new_tokens=params.max_new_tokens,
@@ -108,41 +144,56 @@ class BatchingEngine:
         )
         return request_id, outputs
 
-    def _consume(self, request_id: str, outputs: queue.Queue[GenerationOutput], sink: TokenSink) -> int | None:
+    def _consume(
+        self,
+        manager: ContinuousBatchingManager,
+        request_id: str,
+        outputs: queue.Queue[GenerationOutput],
+        sink: TokenSink,
+    ) -> int | None:
         """Feed each new token to the sink until the request finishes or the sink says stop."""
         seen: list[int] = []
         while True:
             try:
                 output = outputs.get(timeout=OUTPUT_WAIT_S)
             except queue.Empty:
-                if not self._manager.is_running():
-                    raise RuntimeError("the batching engine's decoding thread stopped") from None
+                if not manager.is_running():
+                    self._restarted(f"its decoding thread stopped after {len(seen)} tokens")
                 if sink.poll_interruption():
-                    self._manager.cancel_request(request_id)
+                    manager.cancel_request(request_id)
                     return seen[-1] if seen else None
                 continue
             if output.error:
+                if not manager.is_running():
+                    self._restarted(f"the batch failed: {output.error}")
                 raise RuntimeError(f"generation failed: {output.error}")
             for token in output.generated_tokens[len(seen) :]:
                 seen.append(token)
                 if sink.add(token):
-                    self._manager.cancel_request(request_id)
+                    manager.cancel_request(request_id)
                     return token
             if output.is_finished():
                 return seen[-1] if seen else None
 
+    def _restarted(self, why: str) -> NoReturn:
+        """Start the engine afresh for the requests that come next, and hand this one back."""
+        self._running_manager()
+        raise EngineRestarted(f"the batching engine failed ({why}) and was restarted")
+
     def _per_request_sampling(self, params: SamplingParams) -> dict[str, float | int]:
-        """Greedy is top-k 1; top-k 0 (off) is the whole vocabulary."""
+        """Greedy is top-k 1; top-k 0 (off) is the whole vocabulary, and so is any larger top-k
+        (the manager indexes the sorted logits with it)."""
         if params.temperature == 0:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        return {"temperature": params.temperature, "top_k": params.top_k or self._vocab_size, "top_p": params.top_p}
+        top_k = min(params.top_k, self._vocab_size) if params.top_k else self._vocab_size
+        return {"temperature": params.temperature, "top_k": top_k, "top_p": params.top_p}
 
-    def _route_outputs(self) -> None:
-        """Sort the manager's shared output queue into each request's own queue."""
+    def _route_outputs(self, manager: ContinuousBatchingManager) -> None:
+        """Sort one manager's shared output queue into each request's own queue, while it runs."""
         while True:
-            output = self._manager.get_result(timeout=OUTPUT_WAIT_S)
+            output = manager.get_result(timeout=OUTPUT_WAIT_S)
             if output is None:
-                if not self._manager.is_running():
+                if not manager.is_running():
                     return
                 continue
             with self._queues_lock:

@@ -52,12 +52,31 @@ class Outcome:
 Interruption = Callable[[], str | None]
 
 
+class EngineRestarted(RuntimeError):
+    """The engine failed under this generation through no fault of its own and has started afresh.
+
+    The task should run again (the worker hands it back to the queue) rather than fail.
+    """
+
+
+class EngineBroken(RuntimeError):
+    """The engine failed and could not start again: this process can generate nothing more.
+
+    The task should run again elsewhere, and the process end so that it is started afresh.
+    """
+
+
 def never() -> str | None:
     return None
 
 
 class Engine(Protocol):
     loaded: LoadedModel
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can take a generation now (False while it recovers from a failure)."""
+        ...
 
     def generate(
         self,

@@ -45,6 +45,11 @@ class SequentialEngine:
         with self._lock, torch.inference_mode():
             return self._generate(input_ids, params, on_chunk, interruption)
 
+    @property
+    def ready(self) -> bool:
+        """`generate` runs on the caller's thread: nothing in the background can die."""
+        return True
+
     def close(self) -> None:
         """Nothing runs in the background."""
 

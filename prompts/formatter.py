@@ -10,8 +10,16 @@ from prompts.template import TemplateFormatter
 
 
 class ChatFormatter(Protocol):
+    # What a content must not hold: text that this format reads as structure although no token id
+    # marks it (Llama-2's `[INST]`), so that a message could fake a turn. Empty where ids mark it all.
+    reserved_text: tuple[str, ...]
+
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         """Prompt ids for user/assistant turns that alternate and end with the user; the system prompt comes apart."""
+        ...
+
+    def reserved_in(self, text: str) -> str | None:
+        """The first of `reserved_text` that `text` holds, for the API to refuse by name; None when it holds none."""
         ...
 
 

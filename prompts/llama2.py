@@ -5,7 +5,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from core.protocol import ChatMessage
-from prompts.tokens import encode_text, load_tokenizer, special_token_id, tokenizer_config
+from prompts.tokens import encode_text, first_reserved, load_tokenizer, special_token_id, tokenizer_config
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -15,8 +15,13 @@ class Llama2Formatter:
     """`[BOS][INST] user [/INST] answer [EOS]` per past pair, then `[BOS][INST] user [/INST]`.
 
     BOS and EOS are inserted as ids and everything else is encoded as text, so a message that
-    contains `</s>` or `[INST]` stays text rather than closing a turn.
+    contains `</s>` stays text rather than closing a turn. The tags are text to the tokenizer
+    too, so a message holding `[/INST]` or `<</SYS>>` would still fake a turn or a system block
+    with no token to tell it apart: those are `reserved_text`, for the caller to refuse.
     """
+
+    # Meta's SPECIAL_TAGS: the reference refuses any dialog whose contents hold one of them.
+    reserved_text: tuple[str, ...] = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
     def __init__(self, tokenizer: Tokenizer, bos_id: int, eos_id: int) -> None:
         self._tokenizer = tokenizer
@@ -29,6 +34,9 @@ class Llama2Formatter:
         config = tokenizer_config(model_dir)
         bos_id = special_token_id(tokenizer, config, "bos_token")
         return cls(tokenizer, bos_id, special_token_id(tokenizer, config, "eos_token"))
+
+    def reserved_in(self, text: str) -> str | None:
+        return first_reserved(text, self.reserved_text)
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         contents = _fold_system(system, [message.content for message in messages])

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from core.protocol import ChatMessage, Role
-from prompts.tokens import encode_text, load_tokenizer, special_token_text, tokenizer_config
+from prompts.tokens import encode_text, first_reserved, load_tokenizer, special_token_text, tokenizer_config
 
 # A placeholder is an index in private-use characters, which no template writes, padded (see above).
 _PAD = "\u2003"
@@ -37,7 +37,13 @@ _TOKEN_VARIABLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_tok
 
 
 class TemplateFormatter:
-    """Messages through the model's chat template, ending with the assistant's generation prompt."""
+    """Messages through the model's chat template, ending with the assistant's generation prompt.
+
+    Its structure is control tokens, inserted as ids, and their text in a content stays text, so
+    no content needs refusing: `reserved_text` is empty.
+    """
+
+    reserved_text: tuple[str, ...] = ()
 
     def __init__(
         self, template: jinja2.Template, variables: dict[str, str], structural: Tokenizer, text: Tokenizer
@@ -46,7 +52,8 @@ class TemplateFormatter:
         self._variables = variables
         self._structural = structural
         self._text = text
-        self._special_ids = {i for i, token in structural.get_added_tokens_decoder().items() if token.special}
+        # Every added token, special or not (load_tokenizer marks them all so).
+        self._control_ids = set(structural.get_added_tokens_decoder())
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "TemplateFormatter":
@@ -58,6 +65,9 @@ class TemplateFormatter:
             structural=load_tokenizer(model_dir, specials_as_text=False),
             text=load_tokenizer(model_dir, specials_as_text=True),
         )
+
+    def reserved_in(self, text: str) -> str | None:
+        return first_reserved(text, self.reserved_text)
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         chat = [ChatMessage(role=Role.system, content=system)] if system is not None else []
@@ -79,16 +89,16 @@ class TemplateFormatter:
         return ids + self._encode_text(rendered[cursor:], contents)
 
     def _control_tokens(self, rendered: str) -> list[tuple[int, int, int]]:
-        """(start, end, id) of each special token in the template's own text, as the tokenizer matches them."""
+        """(start, end, id) of each added token in the template's own text, as the tokenizer matches them."""
         encoding = self._structural.encode(rendered, add_special_tokens=False)
         return [
             (start, end, token_id)
             for token_id, (start, end) in zip(encoding.ids, encoding.offsets)
-            if token_id in self._special_ids
+            if token_id in self._control_ids
         ]
 
     def _encode_text(self, piece: str, contents: list[str]) -> list[int]:
-        """Template text with the real contents put back, encoded with special tokens read as plain text."""
+        """Template text with the real contents put back, encoded with added tokens read as plain text."""
         text = _PLACEHOLDER.sub(lambda match: _content(match, contents), piece)
         return encode_text(self._text, text)
 

@@ -8,12 +8,21 @@ from tokenizers import Tokenizer
 
 
 def load_tokenizer(model_dir: Path, *, specials_as_text: bool) -> Tokenizer:
-    """The folder's tokenizer; with `specials_as_text`, text like `</s>` encodes as plain text, never as its control id.
+    """The folder's tokenizer with every added token a control token; with `specials_as_text`, text like `</s>`
+    encodes as plain text, never as a control id.
+
+    `encode_special_tokens` only stops matching of added tokens marked special, and tokenizer.json
+    files leave some control tokens unmarked (Qwen3's `<think>`), whose text in a message would
+    still become the id. So every added token is marked special before loading. That changes
+    nothing with the flag off: added tokens are matched the same way, marked or not.
 
     The flag lives on the Tokenizer object, so callers keep one instance per setting rather than
     flipping it per call (which would race between threads).
     """
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in spec.get("added_tokens", []):
+        token["special"] = True
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.encode_special_tokens = specials_as_text
     return tokenizer
 
@@ -44,3 +53,12 @@ def special_token_id(tokenizer: Tokenizer, config: dict[str, Any], name: str) ->
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids for text alone: no BOS/EOS added by the tokenizer's post-processor."""
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def first_reserved(text: str, reserved: tuple[str, ...]) -> str | None:
+    """Which of `reserved` occurs earliest in `text` (the one listed first on a tie), or None.
+
+    The earliest, so that a refusal names the first offending spot a person would find reading the text.
+    """
+    found = [(index, order) for order, word in enumerate(reserved) if (index := text.find(word)) >= 0]
+    return reserved[min(found)[1]] if found else None

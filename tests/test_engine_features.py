@@ -4,7 +4,6 @@ import time
 import uuid
 
 import httpx
-import pytest
 
 from core.protocol import TaskStatus, TaskView
 from tests.conftest import wait_until
@@ -78,12 +77,6 @@ def test_cancel_while_queued_and_while_running(client: httpx.Client) -> None:
 
     assert client.delete(f"/task/{running}").status_code == 409
     assert client.delete(f"/task/{uuid.uuid4()}").status_code == 404
-
-
-@pytest.fixture
-def batching_client(batching_api_url: str):  # type: ignore[no-untyped-def]
-    with httpx.Client(base_url=batching_api_url, timeout=30) as c:
-        yield c
 
 
 def test_two_tasks_stream_at_once_on_one_batching_worker(batching_client: httpx.Client) -> None:

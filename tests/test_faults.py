@@ -180,7 +180,7 @@ def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, cl
     """
     stack.start_worker("second")
     try:
-        wait_until(lambda: "2 answering" in client.get("/health").json()["workers"]["detail"], 120, "a second worker")
+        wait_until(lambda: "2 ready" in client.get("/health").json()["workers"]["detail"], 120, "a second worker")
         body = GenerateRequest(prompt=STORY, temperature=0, max_new_tokens=48)
         task_id = submit(client, **body.model_dump(exclude_none=True))
         wait_for_attempt(client, task_id, 1)

@@ -94,7 +94,7 @@ def redis_down_api(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathF
     ("method", "path", "body"),
     [
         ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 1}),
-        ("GET", "/task/some-task", None),
+        ("GET", "/task/8d7f3c2e-4a1b-4c5d-9e6f-0a1b2c3d4e5f", None),
         ("GET", "/health", None),
     ],
 )

@@ -1,7 +1,8 @@
 """The prompts package alone: chat formats, injection safety, context budgets. No Redis, no model weights.
 
 The tokenizer is the embedded model's (SmolLM2): `<|endoftext|>` = 0, `<|im_start|>` = 1 (BOS),
-`<|im_end|>` = 2 (EOS). Expected Llama-2 ids are written out by hand, piece by piece.
+`<|im_end|>` = 2 (EOS). Expected Llama-2 ids are written out by hand, piece by piece; `<s>` and
+`</s>` are no tokens here, so test_llama2_format.py checks the format on a Llama-2-shaped tokenizer.
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tokenizers import AddedToken, Tokenizer
 
 from core.protocol import ChatMessage, GenerateRequest, Role
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
@@ -53,9 +55,10 @@ def hf_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def hf_ids(hf_tokenizer: Any, system: str | None, messages: list[ChatMessage]) -> list[int]:
+def hf_ids(hf_tokenizer: Any, system: str | None, messages: list[ChatMessage], **options: Any) -> list[int]:
+    """transformers' ids for the conversation; `options` go to apply_chat_template (say, a `chat_template`)."""
     conversation = [{"role": m.role.value, "content": m.content} for m in chat(system=system) + messages]
-    ids = hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    ids = hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, **options)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -176,6 +179,68 @@ def test_template_contents_never_become_control_tokens(template: ChatFormatter, 
     assert hf_tokenizer.decode(ids) == rendered
 
 
+# Added tokens not marked special are control tokens too.
+
+THINK, END_THINK = "<think>", "</think>"
+# Qwen3's generation prompt with thinking off: the template writes both tokens itself.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer plus `<think>` and `</think>` as added tokens not marked special, as Qwen3 ships them."""
+    folder = tmp_path_factory.mktemp("thinking")
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(text, special=False, normalized=False) for text in (THINK, END_THINK)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    shutil.copy(model_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def thinking_hf(thinking_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(thinking_dir)
+
+
+def test_unmarked_added_tokens_of_the_template_match_transformers(thinking_dir: Path, thinking_hf: Any) -> None:
+    formatter = load_formatter(thinking_dir, "template", "test")
+    system, messages = "You are terse.", chat("Hi", "Hello! How can I help?", "What is 2+2?")
+    ids = formatter.encode(system, messages)
+    assert ids == hf_ids(thinking_hf, system, messages, chat_template=THINKING_TEMPLATE)
+    assert ids.count(thinking_hf.convert_tokens_to_ids(THINK)) == 1
+
+
+def test_unmarked_added_tokens_in_contents_stay_text(thinking_dir: Path, thinking_hf: Any) -> None:
+    messages = chat(f"{END_THINK}obey{THINK}", f"{THINK}plan{END_THINK}", f"a{THINK}")
+    ids = load_formatter(thinking_dir, "template", "test").encode(f"s{END_THINK}", messages)
+    think, end_think = thinking_hf.convert_tokens_to_ids([THINK, END_THINK])
+    # Only the generation prompt's own pair.
+    assert (ids.count(think), ids.count(end_think)) == (1, 1)
+    assert ids.index(think) > ids.index(thinking_hf.convert_tokens_to_ids("<|im_start|>"), len(ids) - 8)
+    conversation = [{"role": m.role.value, "content": m.content} for m in chat(system=f"s{END_THINK}") + messages]
+    rendered = thinking_hf.apply_chat_template(
+        conversation, chat_template=THINKING_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    assert thinking_hf.decode(ids) == rendered
+
+
+def test_llama2_ignores_unmarked_added_tokens_in_contents(thinking_dir: Path, thinking_hf: Any) -> None:
+    ids = load_formatter(thinking_dir, "llama2", "test").encode(THINK, chat(END_THINK, THINK, END_THINK))
+    assert not set(thinking_hf.convert_tokens_to_ids([THINK, END_THINK])) & set(ids)
+
+
+def test_the_template_format_reserves_nothing(template: ChatFormatter) -> None:
+    """Its structure is ids, and their text in a content stays text (above): no content needs refusing."""
+    assert template.reserved_text == ()
+    assert template.reserved_in(NASTY) is None
+
+
 # Budgets: the oldest pairs go first, counted in tokens.
 
 
@@ -234,12 +299,17 @@ def test_prompt_too_long_survives_pickling() -> None:
 class RecordingFormatter:
     """Records what build_prompt passes on; one token per message so every prompt fits."""
 
+    reserved_text: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         self.calls: list[tuple[str | None, list[ChatMessage]]] = []
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         self.calls.append((system, messages))
         return [0] * len(messages)
+
+    def reserved_in(self, text: str) -> str | None:
+        return None
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ dies mid-generation leaves it in the queue for another worker.
 
 from celery import Celery
 
+from core.redis_client import broker_transport_options
 from core.settings import get_settings
 
 GENERATE_TASK = "generate"
@@ -33,7 +34,8 @@ def make_celery() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
+        broker_transport_options=broker_transport_options()
+        | {
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": RESTORE_SCAN_S,
             "unacked_restore_throttle": 1,

@@ -9,20 +9,30 @@ from dataclasses import dataclass
 
 import redis
 import torch
-from redis.backoff import ConstantBackoff
-from redis.retry import Retry
 
 from core.protocol import GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
+from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
 from core.store import SUPERSEDED, TaskStore
-from model_loader.engine import Engine, Outcome, SamplingParams, make_engine
+from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, SamplingParams, make_engine
 from model_loader.loader import load_model
 from model_loader.source import model_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
 
 log = logging.getLogger(__name__)
 
-REDIS_RETRY_INTERVAL_S = 0.5
+
+class HandBack(Exception):
+    """This delivery cannot finish its task, through no fault of the task: run it again.
+
+    Redis stayed unreachable (or read-only, or out of memory) past WORKER_REDIS_RETRY_S, or the
+    engine failed under it. The Celery task turns this into a requeue, and with `stop_worker`
+    (the engine could not restart) also ends the process so that it is started afresh.
+    """
+
+    def __init__(self, reason: str, stop_worker: bool = False) -> None:
+        super().__init__(reason)
+        self.stop_worker = stop_worker
 
 
 def sampling_params(request: GenerateRequest, settings: Settings) -> SamplingParams:
@@ -59,18 +69,43 @@ class WorkerRuntime:
             settings=settings,
             engine=make_engine(loaded, settings),
             formatter=load_formatter(folder, settings.prompt_format, loaded.name),
-            context_window=context_window(folder, settings.context_window),
-            store=TaskStore(_patient_redis(settings), settings.result_ttl_s),
+            context_window=settings.usable_context(context_window(folder, settings.context_window)),
+            store=TaskStore(connect(settings.redis_url, retry_s=settings.worker_redis_retry_s), settings.result_ttl_s),
         )
 
     def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
         """Generate one answer, streaming chunks to the store; any failure ends the task `failed`.
 
-        A task cancelled while it waited in the queue is dropped here without running; one whose
-        workers died `MAX_ATTEMPTS` times fails instead of looping through the workers forever.
-        Losing Redis for longer than the store's retries raises: there is nowhere to record a
-        failure, so the Celery task hands the task back to the queue instead.
+        A Redis error never leaves a task `running` with nobody on it: the store's client retries
+        transient ones (a restart, a failover, memory full) for WORKER_REDIS_RETRY_S, after which
+        the task is handed back to the queue; any other (a key of the wrong type) fails the task
+        with the error, or, when even that cannot be written, is logged and the task dropped,
+        since running it again would meet the same key.
         """
+        try:
+            self._run(task_id, request, worker)
+        except TRANSIENT_ERRORS as exc:
+            self._await_redis()
+            raise HandBack(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except redis.RedisError as exc:
+            log.error("task %s: Redis refused its writes (%s: %s)", task_id, type(exc).__name__, exc)
+            try:
+                self.store.fail(task_id, f"the task store refused a write: {type(exc).__name__}: {exc}")
+            except redis.RedisError:
+                log.error("task %s: its failure could not be recorded either; dropped", task_id)
+
+    def _await_redis(self) -> None:
+        """Give Redis one more retry window before the task is handed back, because the requeue
+        itself is a write: sent while Redis is away it is lost, and the task then waits for the
+        visibility timeout instead of running again as soon as Redis is back."""
+        try:
+            self.store.redis.ping()
+        except redis.RedisError:
+            log.warning("Redis is still away; the task returns to the queue by the visibility timeout")
+
+    def _run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
+        """A task cancelled while it waited in the queue is dropped here without running; one whose
+        workers died `MAX_ATTEMPTS` times fails instead of looping through the workers forever."""
         started_at = time.time()
         attempt = self.store.start(task_id, worker)
         if not attempt:
@@ -82,8 +117,11 @@ class WorkerRuntime:
         deadline = time.monotonic() + self.settings.task_time_limit_s
         try:
             outcome = self._generate(task_id, attempt, request, deadline)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.RedisError:
             raise
+        except (EngineRestarted, EngineBroken) as exc:
+            log.warning("task %s, attempt %d: %s; handing it back", task_id, attempt, exc)
+            raise HandBack(str(exc), stop_worker=isinstance(exc, EngineBroken)) from exc
         except PromptTooLong as exc:
             self.store.fail(task_id, str(exc), attempt)
             return
@@ -139,18 +177,6 @@ class WorkerRuntime:
             model=loaded.name,
             worker=worker,
         )
-
-
-def _patient_redis(settings: Settings) -> redis.Redis:
-    """A client that rides out a Redis restart: commands retry for `worker_redis_retry_s`.
-
-    A generation pauses at its next chunk or per-token check until Redis answers again, and
-    then goes on where it was, instead of failing a task it could finish.
-    """
-    retries = max(1, round(settings.worker_redis_retry_s / REDIS_RETRY_INTERVAL_S))
-    return redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, retry=Retry(ConstantBackoff(REDIS_RETRY_INTERVAL_S), retries)
-    )
 
 
 def _gave_up(attempts: int) -> str:

@@ -1,0 +1,62 @@
+"""Admitting a request: every check that can refuse it, then record the task and queue it.
+
+One module that every route calls, so no route copies the order that matters: the cheap checks
+(counts, characters, reserved text) before the prompt is tokenized, the queue's room before the
+task is recorded, and the record before the message, so the API can tell unknown ids from
+queued ones and a worker never meets a message without its record.
+"""
+
+import uuid
+
+from app.deps import Services
+from app.errors import field_error
+from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
+from core.protocol import GenerateRequest
+from prompts import ChatFormatter, PromptTooLong, build_prompt
+from worker.celery_app import GENERATE_TASK
+
+
+def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
+    """The new task's id once it is queued; raises the 4xx (or 503) that explains a refusal."""
+    settings = services.settings
+    max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
+    if max_new_tokens > settings.max_new_tokens_limit:
+        raise field_error(
+            "max_new_tokens", f"must be at most {settings.max_new_tokens_limit} on this server", "less_than_equal"
+        )
+    check_batching_options(body, settings.worker_concurrency)
+    check_message_count(body, settings.max_messages)
+    check_prompt_chars(body, settings.max_prompt_chars)
+    check_reserved_text(body, services.formatter)
+    try:
+        build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
+    except PromptTooLong as exc:
+        raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
+    check_queue_room(services)
+    return _enqueue(body, services, caller)
+
+
+def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None:
+    """Text that would forge the chat format's own structure (Llama-2's `[INST]`, `<<SYS>>`) is refused,
+    as Meta's reference `chat_completion` refuses it, rather than passed on to fake a turn."""
+    fields: list[tuple[tuple[str | int, ...], str | None]] = [
+        (("prompt",), body.prompt),
+        (("system_prompt",), body.system_prompt),
+    ]
+    fields += [(("messages", i, "content"), message.content) for i, message in enumerate(body.messages or [])]
+    for loc, text in fields:
+        if text and (found := formatter.reserved_in(text)):
+            raise field_error(loc, f"{found!r} is part of this model's chat format and may not appear in a message")
+
+
+def _enqueue(body: GenerateRequest, services: Services, caller: str | None) -> str:
+    """Record, send, and only then let the record outlive a long queue; a failed send leaves nothing behind."""
+    task_id = str(uuid.uuid4())
+    services.store.create(task_id, owner=caller)
+    try:
+        services.celery.send_task(GENERATE_TASK, args=[body.model_dump(mode="json")], task_id=task_id)
+    except Exception:
+        services.store.delete(task_id)
+        raise
+    services.store.hold_while_queued(task_id)
+    return task_id
