@@ -13,7 +13,7 @@ from app.errors import field_error
 from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
 from core.protocol import GenerateRequest
 from prompts import ChatFormatter, PromptTooLong, build_prompt
-from worker.celery_app import GENERATE_TASK
+from worker.celery_app import send_generate
 
 
 def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
@@ -54,7 +54,7 @@ def _enqueue(body: GenerateRequest, services: Services, caller: str | None) -> s
     task_id = str(uuid.uuid4())
     services.store.create(task_id, owner=caller)
     try:
-        services.celery.send_task(GENERATE_TASK, args=[body.model_dump(mode="json")], task_id=task_id)
+        send_generate(services.celery, body.model_dump(mode="json"), task_id)
     except Exception:
         services.store.delete(task_id)
         raise

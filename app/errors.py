@@ -39,7 +39,17 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
 
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(status_code=503, content={"detail": REDIS_DOWN}, headers={"Retry-After": "5"})
+    return JSONResponse(status_code=503, content={"detail": _redis_detail(exc)}, headers={"Retry-After": "5"})
+
+
+def _redis_detail(exc: Exception) -> str:
+    """Unreachable, or reachable but refusing (out of memory, read-only, a key of the wrong type):
+    the refusal's code (its first word, never data) tells an operator which."""
+    if not isinstance(exc, redis.ResponseError):
+        return REDIS_DOWN
+    first_word = str(exc).split(" ", 1)[0]
+    code = first_word if first_word.isupper() else type(exc).__name__
+    return f"the task queue (Redis) refused the request ({code}); try again shortly"
 
 
 def install(app: FastAPI) -> None:

@@ -29,6 +29,25 @@ TRANSIENT_ERRORS: tuple[type[redis.RedisError], ...] = (
 )
 
 
+# The same errors met by a command inside a Lua script: Redis (6.2 at least) hands them back as
+# plain ResponseErrors, their code buried in the message ("@user_script: 1: -OOM command ...").
+_SCRIPT_ERROR_CODES: dict[str, type[redis.RedisError]] = {
+    "-OOM ": redis.exceptions.OutOfMemoryError,
+    "-READONLY ": redis.exceptions.ReadOnlyError,
+    "-LOADING ": redis.exceptions.BusyLoadingError,
+    "-MASTERDOWN ": redis.exceptions.MasterDownError,
+}
+
+
+def transient_script_error(exc: redis.ResponseError) -> redis.RedisError | None:
+    """The transient error a script met, as its own type; None for any other error."""
+    message = str(exc)
+    for code, kind in _SCRIPT_ERROR_CODES.items():
+        if code in message:
+            return kind(message)
+    return None
+
+
 def connect(url: str, retry_s: float = 0) -> redis.Redis:
     """A client for `url`; with `retry_s`, commands that meet a transient error retry for that long.
 

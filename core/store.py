@@ -16,8 +16,10 @@ import json
 import time
 
 import redis
+from redis.commands.core import Script
 
 from core.protocol import Chunk, GenerationResult, TaskStatus, TaskView
+from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
 START_CURSOR = "0-0"
 
@@ -52,6 +54,13 @@ if redis.call('HGET', KEYS[1], 'status') == 'queued' then return redis.call('PER
 return 0
 """
 
+# KEYS: record, chunks. Both in one read, so a view never pairs one attempt's record with another's
+# chunks; a script rather than MULTI, because Redis refuses a MULTI while it is out of memory and
+# reading should go on then.
+_VIEW_LUA = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+')}
+"""
+
 # A record whose message was never sent (the API died in between) expires after this.
 UNSENT_TTL_S = 600
 
@@ -73,12 +82,16 @@ def _chunks_key(task_id: str) -> str:
 
 
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, retry_s: float = 0) -> None:
+        """`retry_s`: how long a script that meets a transient error (out of memory, READONLY) is
+        retried, as the client itself retries plain commands; 0 raises at once (the API's 503)."""
         self.redis = client
         self.ttl_s = ttl_s
+        self.retry_s = retry_s
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._append_script = client.register_script(_APPEND_LUA)
         self._hold_script = client.register_script(_HOLD_LUA)
+        self._view_script = client.register_script(_VIEW_LUA)
 
     def create(self, task_id: str, owner: str | None = None) -> None:
         """Record the task before it is queued, so that the API can tell unknown ids from queued ones.
@@ -101,7 +114,7 @@ class TaskStore:
         and the worker that finally takes it would find nothing to run. The worker's start (or a
         cancel) sets the expiry again.
         """
-        self._hold_script(keys=[_record_key(task_id)])
+        self._run(self._hold_script, [_record_key(task_id)], [])
 
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
@@ -151,7 +164,7 @@ class TaskStore:
     def append_chunk(self, task_id: str, attempt: int, text: str) -> bool:
         """Append to the stream while `attempt` is the task's current one; False when it no longer is."""
         keys = [_record_key(task_id), _chunks_key(task_id)]
-        return bool(self._append_script(keys=keys, args=[attempt, self.ttl_s, text]))
+        return bool(self._run(self._append_script, keys, [attempt, self.ttl_s, text]))
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:
         """Store the text and stats; a task that was stopped by a cancel ends `cancelled`.
@@ -167,14 +180,20 @@ class TaskStore:
         fields = {"status": TaskStatus.failed, "error": error}
         self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, attempt=attempt)
 
+    def fail_unreadable(self, task_id: str, error: str) -> None:
+        """End the task `failed` after Redis refused its writes for good (its stream key holds
+        something that is not a stream): the stream goes, so that the record and its error can be
+        read again."""
+        self.redis.delete(_chunks_key(task_id))
+        self.fail(task_id, error)
+
     def view(self, task_id: str, after: str = START_CURSOR) -> TaskView | None:
         """One consistent snapshot of record and chunks; None for an id never submitted (or expired)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(_record_key(task_id))
-        pipe.xrange(_chunks_key(task_id))
-        record, entries = pipe.execute()
-        if not record:
+        flat_record, raw_entries = self._run(self._view_script, [_record_key(task_id), _chunks_key(task_id)], [])
+        if not flat_record:
             return None
+        record = dict(zip(flat_record[::2], flat_record[1::2]))
+        entries = [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in raw_entries]
         return _to_view(task_id, record, entries, after)
 
     def _transition(
@@ -204,11 +223,27 @@ class TaskStore:
         args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._transition_script(keys=[_record_key(task_id), _chunks_key(task_id)], args=args)
+        found = self._run(self._transition_script, [_record_key(task_id), _chunks_key(task_id)], args)
         if not found:
             return None, 0
         status, current = found
         return status.decode(), int(current)
+
+
+    def _run(self, script: Script, keys: list[str], args: list[object]) -> object:
+        """Run a script, retrying for `retry_s` the transient errors that Redis reports from inside
+        scripts as plain ResponseErrors (which the client's own retry cannot recognise)."""
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return script(keys=keys, args=args)
+            except redis.ResponseError as exc:
+                transient = transient_script_error(exc)
+                if transient is None:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise transient from exc
+            time.sleep(RETRY_INTERVAL_S)
 
 
 def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str) -> TaskView:

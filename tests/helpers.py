@@ -15,11 +15,13 @@ def submit(client: httpx.Client, **body: object) -> str:
     return response.json()["task_id"]
 
 
-def poll_until_finished(client: httpx.Client, task_id: str, interval_s: float = 0.02) -> tuple[TaskView, list[TaskView]]:
+def poll_until_finished(
+    client: httpx.Client, task_id: str, interval_s: float = 0.02, timeout_s: float = POLL_TIMEOUT_S
+) -> tuple[TaskView, list[TaskView]]:
     """Poll with cursors as a client would; returns the final view and every view seen."""
     seen: list[TaskView] = []
     cursor = "0-0"
-    deadline = time.monotonic() + POLL_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         response = client.get(f"/task/{task_id}", params={"after": cursor})
         assert response.status_code == 200, response.text
@@ -29,4 +31,4 @@ def poll_until_finished(client: httpx.Client, task_id: str, interval_s: float = 
         if view.status.finished:
             return view, seen
         time.sleep(interval_s)
-    raise TimeoutError(f"task {task_id} did not finish in {POLL_TIMEOUT_S} s")
+    raise TimeoutError(f"task {task_id} did not finish in {timeout_s} s")

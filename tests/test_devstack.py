@@ -15,7 +15,15 @@ STARTUP_S = 300
 
 
 def celery_children(devstack: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(devstack.pid).children() if "celery" in " ".join(p.cmdline())]
+    """The stack's live worker processes (one that was just killed is a zombie until reaped)."""
+    workers = []
+    for child in psutil.Process(devstack.pid).children():
+        try:
+            if "celery" in " ".join(child.cmdline()):
+                workers.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return workers
 
 
 def healthy(url: str) -> bool:

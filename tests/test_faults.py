@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -18,12 +19,17 @@ from celery import Celery
 from core.protocol import GenerateRequest, TaskStatus, TaskView
 from core.store import TaskStore
 from devstack.processes import Stack, wait_until
+from tests.blackhole import BlackHoleProxy
+from worker.celery_app import QUEUE, send_generate
 from tests.helpers import poll_until_finished, submit
 
-STORY = "Write a long story about a lighthouse keeper."
+# In every prompt here, so that the last test can check that no log holds it, failures included.
+SECRET_NAME = f"Zorblax-{uuid.uuid4().hex[:8]}"
+STORY = f"Write a long story about a lighthouse keeper named {SECRET_NAME}."
 TIME_LIMIT_S = 6
 REDIS_RETRY_S = 5  # a worker rides out a Redis restart shorter than this, and requeues its task past it
-REDELIVERY_S = 2 * TIME_LIMIT_S + 10 + 60  # visibility timeout, then the restore scan and a new worker's start
+VISIBILITY_TIMEOUT_S = 2 * TIME_LIMIT_S + 10
+REDELIVERY_S = VISIBILITY_TIMEOUT_S + 60  # then the restore scan and a new worker's start
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +108,8 @@ def test_time_limit_ends_a_task_with_its_partial_text(client: httpx.Client) -> N
 def send_raw(stack: Stack, task_id: str, payload: dict) -> None:
     """A Celery message sent by hand, as the API would send it (or as no API would)."""
     sender = Celery(broker=stack.redis_url)
-    sender.conf.update(task_serializer="json", accept_content=["json"])
-    sender.send_task("generate", args=[payload], task_id=task_id, queue="chat")
+    sender.conf.update(task_serializer="json", accept_content=["json"], task_default_queue=QUEUE)
+    send_generate(sender, payload, task_id)
 
 
 def test_a_task_the_worker_cannot_run_fails_with_a_message_and_the_worker_goes_on(
@@ -111,7 +117,7 @@ def test_a_task_the_worker_cannot_run_fails_with_a_message_and_the_worker_goes_o
 ) -> None:
     task_id = str(uuid.uuid4())
     TaskStore(redis.Redis.from_url(stack.redis_url), ttl_s=600).create(task_id)
-    send_raw(stack, task_id, {"prompt": 42})
+    send_raw(stack, task_id, {"prompt": STORY, "max_new_tokens": "many"})
 
     failed, _ = poll_until_finished(client, task_id)
     assert failed.status == TaskStatus.failed and "could not read this task" in (failed.error or "")
@@ -162,10 +168,17 @@ def test_redis_restart_mid_generation_loses_nothing(stack: Stack, client: httpx.
 
 
 def test_redis_away_longer_than_the_worker_waits_requeues_the_task(stack: Stack, client: httpx.Client) -> None:
-    """Past WORKER_REDIS_RETRY_S the worker gives the task back to the queue instead of acknowledging it."""
-    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=32)
+    """Past WORKER_REDIS_RETRY_S the worker gives the task back to the queue instead of acknowledging it.
+
+    It waits for Redis before it does, since the requeue is itself a write: so the task runs
+    again as soon as Redis is back, well before the visibility timeout would have restored it.
+    """
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
     wait_for_attempt(client, task_id, 1)
+    delivered = time.monotonic()
     restart_redis(stack, client, down_s=REDIS_RETRY_S + 3)
+    wait_for_attempt(client, task_id, 2)
+    assert time.monotonic() - delivered < VISIBILITY_TIMEOUT_S - 2, "it came back by the visibility timeout"
 
     final, seen = poll_until_finished(client, task_id)
     assert final.status == TaskStatus.succeeded and final.attempt == 2, final.error
@@ -176,12 +189,13 @@ def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, cl
     """What a broker blip can do (celery #5935): the same task delivered to a second worker while the first runs it.
 
     The newer attempt restarts the stream; the older one notices at its next token, stops, and its
-    chunks and result are dropped, so pollers see one attempt's text and one result.
+    chunks and result are dropped, so pollers see one attempt's text and one result. The two
+    attempts sample, so they write different texts: mixed, they would show.
     """
     stack.start_worker("second")
     try:
         wait_until(lambda: "2 ready" in client.get("/health").json()["workers"]["detail"], 120, "a second worker")
-        body = GenerateRequest(prompt=STORY, temperature=0, max_new_tokens=48)
+        body = GenerateRequest(prompt=STORY, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48)
         task_id = submit(client, **body.model_dump(exclude_none=True))
         wait_for_attempt(client, task_id, 1)
         first_worker = view(client, task_id).worker
@@ -193,6 +207,64 @@ def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, cl
     assert final.worker != first_worker, "the superseded attempt's result was stored"
     assert all(final.text.startswith(v.text) for v in seen if v.attempt == 2)
     assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text
+    first_attempt = [v.text for v in seen if v.attempt == 1]
+    assert all(longer.startswith(shorter) for shorter, longer in zip(first_attempt, first_attempt[1:]))
+
+
+def test_redis_refusing_writes_mid_generation_pauses_the_task_and_loses_nothing(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Out of memory (or READONLY after a failover) is not a lost connection, but passes like one:
+    it used to fail the write, then the failure's own write, and leave the task `running` for a day."""
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+    wait_for_attempt(client, task_id, 1)
+    admin = redis.Redis.from_url(stack.redis_url)
+    admin.config_set("maxmemory", 1)  # with noeviction, every write is now refused
+    try:
+        time.sleep(REDIS_RETRY_S / 2)
+        assert view(client, task_id).status == TaskStatus.running
+    finally:
+        admin.config_set("maxmemory", 0)
+    final, seen = poll_until_finished(client, task_id, timeout_s=60)
+    assert final.status == TaskStatus.succeeded and final.attempt == 1, final.error
+    assert "".join(c.text for v in seen for c in v.chunks) == final.text
+
+
+def test_a_redis_error_that_will_not_pass_fails_the_task_visibly(stack: Stack, client: httpx.Client) -> None:
+    """A key of the wrong type (something else wrote there) fails the task with the error, never silently."""
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=400)
+    wait_for_attempt(client, task_id, 1)
+    admin = redis.Redis.from_url(stack.redis_url)
+    admin.delete(f"task:{task_id}:chunks")
+    admin.set(f"task:{task_id}:chunks", "not a stream")  # until the worker fails the task, GET answers 503
+    wait_until(lambda: admin.hget(f"task:{task_id}", "status") != b"running", 60, "the worker to end the task")
+    final = view(client, task_id)
+    assert final.status == TaskStatus.failed and "WRONGTYPE" in (final.error or ""), final
+    after, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=4))
+    assert after.status == TaskStatus.succeeded
+
+
+def test_a_half_open_connection_does_not_hang_the_task(stack: Stack, client: httpx.Client) -> None:
+    """Every connection of the worker goes silent mid-generation, without being closed: with no
+    socket timeout its next write waited forever; now it times out, reconnects, and goes on."""
+    proxy = BlackHoleProxy(urlparse(stack.redis_url).port or 6379)
+    stack.stop_worker(the_worker(stack))
+    stack.env["REDIS_URL"], real_url = f"redis://127.0.0.1:{proxy.port}/0", stack.redis_url
+    try:
+        stack.start_worker("proxied")
+        stack.wait_healthy()
+        task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+        wait_for_attempt(client, task_id, 1)
+        proxy.swallow()
+        final, seen = poll_until_finished(client, task_id, timeout_s=90)
+    finally:
+        stack.env["REDIS_URL"] = real_url
+        stack.stop_worker("proxied", kill=True)
+        proxy.close()
+        stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
+        stack.wait_healthy()
+    assert final.status == TaskStatus.succeeded and final.attempt == 1, final.error
+    assert "".join(c.text for v in seen for c in v.chunks) == final.text
 
 
 def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None:
@@ -207,7 +279,11 @@ def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None
 
 
 def test_logs_hold_no_prompt(stack: Stack, client: httpx.Client) -> None:
-    secret = f"purple-elephant-{uuid.uuid4().hex[:8]}"
-    poll_until_finished(client, submit(client, prompt=f"Repeat: {secret}", temperature=0, max_new_tokens=4))
-    for log in Path(stack.logs).glob("*.log"):
-        assert secret not in log.read_text(errors="replace"), f"{log.name} holds the prompt"
+    """Last in this module: every test before it sent SECRET_NAME in its prompts, down every path
+    that logs (a killed worker, a task given up, one the worker could not read, a requeue, Redis
+    refusing writes, a superseded attempt, a time limit), and none of that may reach a log."""
+    poll_until_finished(client, submit(client, prompt=f"Repeat: {SECRET_NAME}", temperature=0, max_new_tokens=4))
+    logs = list(Path(stack.logs).glob("*.log"))
+    assert len(logs) >= 4, [log.name for log in logs]
+    for log in logs:
+        assert SECRET_NAME not in log.read_text(errors="replace"), f"{log.name} holds the prompt"

@@ -4,7 +4,8 @@ hypothesis draws the requests: JSON of any shape, strings with control character
 surrogates and chat-format tags, numbers far out of range, NaN and infinities, bodies that are
 not JSON, weird task ids and cursors, wrong methods. Bodies that happen to be valid always ask
 for one or two tokens, so the few tasks they queue are cheap; each is polled to its end, and
-then the worker must still answer a normal request.
+then the worker must still answer a normal request. All of it runs against a worker at
+WORKER_CONCURRENCY=1 and against one that batches.
 """
 
 import json
@@ -119,9 +120,11 @@ def check(response: httpx.Response) -> None:
         assert response.json()["detail"], "a refusal says why"
 
 
-@pytest.fixture(scope="module")
-def fuzz_client(api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+@pytest.fixture(scope="module", params=["api_url", "batching_api_url"], ids=["sequential", "batching"])
+def fuzz_client(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    """The session's stack, then the one whose worker batches: one hostile request there used to
+    stop the decoding thread and fail every task after it."""
+    with httpx.Client(base_url=request.getfixturevalue(request.param), timeout=30) as client:
         yield client
 
 

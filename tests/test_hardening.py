@@ -24,6 +24,7 @@ from tests.extra_api import extra_api
 from tests.helpers import poll_until_finished, submit
 
 DEFAULTS = Settings(_env_file=None)
+TOO_MANY = DEFAULTS.max_messages + 1  # odd, so the roles are in order and only the count is wrong
 
 
 # One request must not break a batching worker.
@@ -65,12 +66,11 @@ def test_a_prompt_larger_than_a_batching_workers_kv_cache_is_a_422(
         ({"prompt": "hi", "stop": ["ok", ""]}, ["body", "stop", 1]),
         ({"prompt": "hi", "stop": ["x" * (MAX_STOP_CHARS + 1)]}, ["body", "stop", 0]),
         ({"prompt": "hi", "stop": ["x"] * 17}, ["body", "stop"]),
-        (
-            {"messages": [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(DEFAULTS.max_messages + 1)]},
-            ["body", "messages"],
-        ),
+        ({"messages": [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(TOO_MANY)]},
+         ["body", "messages"]),
     ],
-    ids=["blank", "neither", "both", "roles", "empty-content", "empty-stop", "long-stop", "many-stops", "many-messages"],
+    ids=["blank", "neither", "both", "roles", "empty-content", "empty-stop", "long-stop", "many-stops",
+         "many-messages"],
 )
 def test_every_refusal_names_its_field(client: httpx.Client, body: dict, loc: list) -> None:
     response = client.post("/generate", json=body | {"max_new_tokens": 1})
@@ -102,7 +102,7 @@ def test_llama2_format_tags_in_a_message_are_a_422_naming_it(llama2_api: str, ta
         assert response.status_code == 422, response.text
         (error,) = response.json()["detail"]
         assert error["loc"] == loc and tag in error["msg"]
-    fine = httpx.post(f"{llama2_api}/generate", json={"prompt": "What is [1] in INST?", "max_new_tokens": 1}, timeout=30)
+    fine = httpx.post(f"{llama2_api}/generate", json={"prompt": "Is [1] an INST?", "max_new_tokens": 1}, timeout=30)
     assert fine.status_code == 202, fine.text
 
 

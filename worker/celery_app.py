@@ -45,4 +45,11 @@ def make_celery() -> Celery:
     return app
 
 
+def send_generate(celery: Celery, request: dict, task_id: str) -> None:
+    """Queue one generation. Its arguments are the user's prompt, so the message says how Celery
+    shows them in its logs (`argsrepr`): a placeholder, never the prompt, whatever gets logged
+    (Celery prints a request with its arguments when it cannot cancel it after a connection loss)."""
+    celery.send_task(GENERATE_TASK, args=[request], task_id=task_id, argsrepr="[<request>]", kwargsrepr="{}")
+
+
 app = make_celery()

@@ -70,7 +70,11 @@ class WorkerRuntime:
             engine=make_engine(loaded, settings),
             formatter=load_formatter(folder, settings.prompt_format, loaded.name),
             context_window=settings.usable_context(context_window(folder, settings.context_window)),
-            store=TaskStore(connect(settings.redis_url, retry_s=settings.worker_redis_retry_s), settings.result_ttl_s),
+            store=TaskStore(
+                connect(settings.redis_url, retry_s=settings.worker_redis_retry_s),
+                settings.result_ttl_s,
+                retry_s=settings.worker_redis_retry_s,
+            ),
         )
 
     def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
@@ -78,9 +82,9 @@ class WorkerRuntime:
 
         A Redis error never leaves a task `running` with nobody on it: the store's client retries
         transient ones (a restart, a failover, memory full) for WORKER_REDIS_RETRY_S, after which
-        the task is handed back to the queue; any other (a key of the wrong type) fails the task
-        with the error, or, when even that cannot be written, is logged and the task dropped,
-        since running it again would meet the same key.
+        the task is handed back to the queue; any other (its stream key overwritten with another
+        type) fails the task with the error, or, when even that cannot be written, is logged and
+        the task dropped, since running it again would meet the same key.
         """
         try:
             self._run(task_id, request, worker)
@@ -90,7 +94,7 @@ class WorkerRuntime:
         except redis.RedisError as exc:
             log.error("task %s: Redis refused its writes (%s: %s)", task_id, type(exc).__name__, exc)
             try:
-                self.store.fail(task_id, f"the task store refused a write: {type(exc).__name__}: {exc}")
+                self.store.fail_unreadable(task_id, f"the task store refused a write: {type(exc).__name__}: {exc}")
             except redis.RedisError:
                 log.error("task %s: its failure could not be recorded either; dropped", task_id)
 
@@ -138,7 +142,7 @@ class WorkerRuntime:
             task_id, attempt, self._result(outcome, worker, enqueued_at, started_at)
         )
         if not stored:
-            log.warning("task %s: a newer delivery took over from attempt %d, whose result is dropped", task_id, attempt)
+            log.warning("task %s: a newer delivery took over from attempt %d; its result is dropped", task_id, attempt)
 
     def _generate(self, task_id: str, attempt: int, request: GenerateRequest, deadline: float) -> Outcome:
         params = sampling_params(request, self.settings)
