@@ -135,9 +135,7 @@ class TaskStore:
         up and its chunk stream starts afresh, so no poller sees text from two attempts.
         """
         fields = {"status": TaskStatus.running, "started_at": time.time(), "worker": worker}
-        before, attempt = self._transition_with_attempt(
-            task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True
-        )
+        before, attempt = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True)
         return attempt if before in (TaskStatus.queued, TaskStatus.running) else 0
 
     def stop_reason(self, task_id: str, attempt: int) -> str | None:
@@ -156,9 +154,9 @@ class TaskStore:
         None means no such task; a finished status means nothing was changed.
         """
         cancelled = {"status": TaskStatus.cancelled, "finish_reason": "cancelled"}
-        before = self._transition(task_id, {TaskStatus.queued}, cancelled)
+        before, _ = self._transition(task_id, {TaskStatus.queued}, cancelled)
         if before == TaskStatus.running:
-            before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
+            before, _ = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
         return TaskStatus(before) if before else None
 
     def append_chunk(self, task_id: str, attempt: int, text: str) -> bool:
@@ -173,7 +171,7 @@ class TaskStore:
         """
         status = TaskStatus.cancelled if result.finish_reason == "cancelled" else TaskStatus.succeeded
         fields = {"status": status, "result": result.model_dump_json()}
-        return self._transition(task_id, {TaskStatus.running}, fields, attempt=attempt) == TaskStatus.running
+        return self._transition(task_id, {TaskStatus.running}, fields, attempt=attempt)[0] == TaskStatus.running
 
     def fail(self, task_id: str, error: str, attempt: int | None = None) -> None:
         """End the task `failed`, unless it has already ended or (given `attempt`) a newer attempt runs it."""
@@ -203,23 +201,13 @@ class TaskStore:
         fields: dict[str, object],
         new_attempt: bool = False,
         attempt: int | None = None,
-    ) -> str | None:
+    ) -> tuple[str | None, int]:
         """Compare-and-set in one Lua call, so the API's cancel and the worker's start cannot interleave.
 
         Returns the status found (the fields were applied if it is in `allowed`), SUPERSEDED when
-        `attempt` is no longer current, None for an unknown task.
+        `attempt` is no longer current, None for an unknown task; and the task's attempt number
+        once the script has run (0 for an unknown task).
         """
-        return self._transition_with_attempt(task_id, allowed, fields, new_attempt, attempt)[0]
-
-    def _transition_with_attempt(
-        self,
-        task_id: str,
-        allowed: set[TaskStatus],
-        fields: dict[str, object],
-        new_attempt: bool = False,
-        attempt: int | None = None,
-    ) -> tuple[str | None, int]:
-        """`_transition`, and the task's attempt number once the script has run (0 for an unknown task)."""
         args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
         for key, value in fields.items():
             args += [key, str(value)]
@@ -228,7 +216,6 @@ class TaskStore:
             return None, 0
         status, current = found
         return status.decode(), int(current)
-
 
     def _run(self, script: Script, keys: list[str], args: list[object]) -> object:
         """Run a script, retrying for `retry_s` the transient errors that Redis reports from inside
