@@ -43,7 +43,10 @@ class Heartbeats:
         states = [_parse(name, value) for name, value in self.redis.hgetall(KEY).items()]
         forgotten = [s.name for s in states if now - s.seen_at > FORGET_S]
         if forgotten:
-            self.redis.hdel(KEY, *forgotten)
+            try:
+                self.redis.hdel(KEY, *forgotten)
+            except redis.ResponseError:  # Redis refusing writes (out of memory): forget them next time
+                pass
         return sorted((s for s in states if now - s.seen_at <= STALE_S), key=lambda s: s.name)
 
 

@@ -20,6 +20,7 @@ from core.protocol import GenerateRequest, TaskStatus, TaskView
 from core.store import TaskStore
 from devstack.processes import Stack, wait_until
 from tests.blackhole import BlackHoleProxy
+from tests.extra_api import extra_api
 from worker.celery_app import QUEUE, send_generate
 from tests.helpers import poll_until_finished, submit
 
@@ -170,8 +171,8 @@ def test_redis_restart_mid_generation_loses_nothing(stack: Stack, client: httpx.
 def test_redis_away_longer_than_the_worker_waits_requeues_the_task(stack: Stack, client: httpx.Client) -> None:
     """Past WORKER_REDIS_RETRY_S the worker gives the task back to the queue instead of acknowledging it.
 
-    It waits for Redis before it does, since the requeue is itself a write: so the task runs
-    again as soon as Redis is back, well before the visibility timeout would have restored it.
+    The task runs again soon after Redis is back, well before the visibility timeout would have
+    restored it (without the requeue it was acknowledged and never ran again).
     """
     task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
     wait_for_attempt(client, task_id, 1)
@@ -265,6 +266,27 @@ def test_a_half_open_connection_does_not_hang_the_task(stack: Stack, client: htt
         stack.wait_healthy()
     assert final.status == TaskStatus.succeeded and final.attempt == 1, final.error
     assert "".join(c.text for v in seen for c in v.chunks) == final.text
+
+
+def test_a_half_open_connection_does_not_hang_the_apis_submissions(stack: Stack, tmp_path: Path) -> None:
+    """The API's connections, Celery's publishing one included, go silent: kombu's had no socket
+    timeout, so every later POST /generate waited forever on it; now it times out, reconnects
+    and queues the task."""
+    proxy = BlackHoleProxy(urlparse(stack.redis_url).port or 6379)
+    try:
+        with extra_api(stack.env, tmp_path, {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}) as url:
+            first = httpx.post(f"{url}/generate", json={"prompt": STORY, "max_new_tokens": 2}, timeout=30)
+            assert first.status_code == 202, first.text
+            proxy.swallow()
+            answers = []
+            for _ in range(3):  # a refused one (503, while a timed-out connection is replaced) may come first
+                answers.append(httpx.post(f"{url}/generate", json={"prompt": STORY, "max_new_tokens": 2}, timeout=30))
+                if answers[-1].status_code == 202:
+                    break
+    finally:
+        proxy.close()
+    assert [a.status_code for a in answers][-1] == 202, [(a.status_code, a.text) for a in answers]
+    assert all(a.status_code in (202, 503) for a in answers)
 
 
 def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None:

@@ -89,7 +89,6 @@ class WorkerRuntime:
         try:
             self._run(task_id, request, worker)
         except TRANSIENT_ERRORS as exc:
-            self._await_redis()
             raise HandBack(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
         except redis.RedisError as exc:
             log.error("task %s: Redis refused its writes (%s: %s)", task_id, type(exc).__name__, exc)
@@ -97,15 +96,6 @@ class WorkerRuntime:
                 self.store.fail_unreadable(task_id, f"the task store refused a write: {type(exc).__name__}: {exc}")
             except redis.RedisError:
                 log.error("task %s: its failure could not be recorded either; dropped", task_id)
-
-    def _await_redis(self) -> None:
-        """Give Redis one more retry window before the task is handed back, because the requeue
-        itself is a write: sent while Redis is away it is lost, and the task then waits for the
-        visibility timeout instead of running again as soon as Redis is back."""
-        try:
-            self.store.redis.ping()
-        except redis.RedisError:
-            log.warning("Redis is still away; the task returns to the queue by the visibility timeout")
 
     def _run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
         """A task cancelled while it waited in the queue is dropped here without running; one whose
