@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import redis
+import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
@@ -16,6 +17,7 @@ from prompts import ChatFormatter
 class Services:
     settings: Settings
     redis: redis.Redis
+    aredis: redis.asyncio.Redis  # for the stream routes' blocking reads
     store: TaskStore
     celery: Celery
     formatter: ChatFormatter

@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import errors
 from app.deps import Services
 from app.routes import generate, health, tasks
 from app.security import authenticate
 from core.protocol import ErrorBody
-from core.redis_client import connect
+from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
 from core.store import TaskStore
 from model_loader.source import model_dir, model_name
@@ -33,6 +34,7 @@ def build_services() -> Services:
     return Services(
         settings=settings,
         redis=client,
+        aredis=connect_async(settings.redis_url),
         store=TaskStore(client, settings.result_ttl_s),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
@@ -67,6 +69,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     check_exposure(settings)
     app.state.services = build_services()
     yield
+    await app.state.services.aredis.aclose()
+
+
+class OptionalTrailingSlash:
+    """Every route answers with and without a trailing slash, directly: clients such as Python's
+    `http.client` do not follow the 307 that Starlette would otherwise answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+        await self.app(scope, receive, send)
 
 
 UNAUTHORIZED: dict[int | str, dict[str, object]] = {
@@ -79,8 +96,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     FastAPI's own body limit answers 413 by Content-Length, and by counting a chunked body's bytes.
     """
-    app = FastAPI(title="Queued Llama chat", lifespan=lifespan, max_body_size=settings.max_request_bytes)
+    app = FastAPI(
+        title="Queued Llama chat", lifespan=lifespan, max_body_size=settings.max_request_bytes, redirect_slashes=False
+    )
     errors.install(app)
+    app.add_middleware(OptionalTrailingSlash)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

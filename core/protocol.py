@@ -154,6 +154,13 @@ class Chunk(BaseModel):
     text: str
 
 
+class StreamedChunk(BaseModel):
+    """A chunk as `GET /task/{id}/events` pushes it; the event's id is its cursor."""
+
+    text: str
+    attempt: int = Field(description="The attempt that wrote it; a higher one restarts the answer.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -201,6 +208,12 @@ class TaskView(BaseModel):
     model: str | None = None
     worker: str | None = None
     error: str | None = None
+    message: str | None = Field(
+        None, description="'Task not completed yet' until the task ends (what simple pollers wait to disappear)."
+    )
+
+
+NOT_COMPLETED = "Task not completed yet"
 
 
 class CancelAccepted(BaseModel):

@@ -8,6 +8,7 @@ before using it again.
 """
 
 import redis
+import redis.asyncio
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
@@ -65,6 +66,18 @@ def connect(url: str, retry_s: float = 0) -> redis.Redis:
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         **options,
+    )
+
+
+def connect_async(url: str) -> redis.asyncio.Redis:
+    """The API's asyncio client, for blocking stream reads: one blocked XREAD per open stream, no
+    thread each. No socket timeout here, since XREAD BLOCK waits on purpose (bounded by its own
+    BLOCK argument); keepalive and health checks still find a dead peer."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )
 
 

@@ -1,7 +1,8 @@
 """The task store in Redis, shared by the API (writes the record, reads progress) and the worker.
 
 Per task: a hash `task:{id}` (status, attempt, timestamps, result or error) and a stream
-`task:{id}:chunks` of text chunks. Celery's own result backend is not used: it reports PENDING
+`task:{id}:chunks` of text chunks (each with its attempt), closed by an `end` entry once the
+task has ended. Celery's own result backend is not used: it reports PENDING
 for ids it never saw and `update_state` overwrites, which would drop chunks. Stream entry ids
 are the cursors, so any number of pollers read from wherever they are. Both keys expire
 `result_ttl_s` after the last write, except that a queued task's record does not expire while
@@ -18,7 +19,7 @@ import time
 import redis
 from redis.commands.core import Script
 
-from core.protocol import Chunk, GenerationResult, TaskStatus, TaskView
+from core.protocol import NOT_COMPLETED, Chunk, GenerationResult, TaskStatus, TaskView
 from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
 START_CURSOR = "0-0"
@@ -28,7 +29,9 @@ SUPERSEDED = "superseded"
 
 # KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), the
 # attempt that must be current ('' for any), then field/value pairs. Applies the fields only if
-# the current status is allowed and the attempt matches; returns {status found, attempt after},
+# the current status is allowed and the attempt matches; a status that ends the task also ends
+# its stream with an `end` entry, so readers blocked on the stream learn of it at once. Returns
+# {status found, attempt after},
 # with 'superseded' as the status when another attempt has taken the task over. The attempt
 # comes back from the same script that counted it up, so two deliveries that start at once
 # cannot both read the newer number.
@@ -44,6 +47,11 @@ if ARGV[3] == '1' then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+local now = redis.call('HGET', KEYS[1], 'status')
+if now == 'succeeded' or now == 'failed' or now == 'cancelled' then
+  redis.call('XADD', KEYS[2], '*', 'end', now)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 return {status, attempt}
 """
 
@@ -67,17 +75,18 @@ UNSENT_TTL_S = 600
 # KEYS: record, chunks. ARGV: attempt, ttl, text. Appends only while that attempt is current.
 _APPEND_LUA = """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], '*', 'text', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'attempt', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
 
-def _record_key(task_id: str) -> str:
+def record_key(task_id: str) -> str:
+    """The task's record (a hash); with `chunks_key`, the only names the store gives a task."""
     return f"task:{task_id}"
 
 
-def _chunks_key(task_id: str) -> str:
+def chunks_key(task_id: str) -> str:
     return f"task:{task_id}:chunks"
 
 
@@ -101,7 +110,7 @@ class TaskStore:
         fields: dict[str, object] = {"status": TaskStatus.queued, "enqueued_at": time.time()}
         if owner is not None:
             fields["owner"] = owner
-        key = _record_key(task_id)
+        key = record_key(task_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
         pipe.expire(key, min(self.ttl_s, UNSENT_TTL_S))
@@ -114,18 +123,18 @@ class TaskStore:
         and the worker that finally takes it would find nothing to run. The worker's start (or a
         cancel) sets the expiry again.
         """
-        self._run(self._hold_script, [_record_key(task_id)], [])
+        self._eval(self._hold_script, [record_key(task_id)], [])
 
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
-        value = self.redis.hget(_record_key(task_id), "owner")
+        value = self.redis.hget(record_key(task_id), "owner")
         return value.decode() if value is not None else None
 
     def delete(self, task_id: str) -> None:
-        self.redis.delete(_record_key(task_id), _chunks_key(task_id))
+        self.redis.delete(record_key(task_id), chunks_key(task_id))
 
     def enqueued_at(self, task_id: str) -> float | None:
-        value = self.redis.hget(_record_key(task_id), "enqueued_at")
+        value = self.redis.hget(record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
     def start(self, task_id: str, worker: str) -> int:
@@ -143,7 +152,7 @@ class TaskStore:
 
         One round trip, asked after every token.
         """
-        cancel, current = self.redis.hmget(_record_key(task_id), ["cancel_requested", "attempt"])
+        cancel, current = self.redis.hmget(record_key(task_id), ["cancel_requested", "attempt"])
         if cancel is not None:
             return "cancelled"
         return SUPERSEDED if current != str(attempt).encode() else None
@@ -161,8 +170,8 @@ class TaskStore:
 
     def append_chunk(self, task_id: str, attempt: int, text: str) -> bool:
         """Append to the stream while `attempt` is the task's current one; False when it no longer is."""
-        keys = [_record_key(task_id), _chunks_key(task_id)]
-        return bool(self._run(self._append_script, keys, [attempt, self.ttl_s, text]))
+        keys = [record_key(task_id), chunks_key(task_id)]
+        return bool(self._eval(self._append_script, keys, [attempt, self.ttl_s, text]))
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:
         """Store the text and stats; a task that was stopped by a cancel ends `cancelled`.
@@ -182,12 +191,12 @@ class TaskStore:
         """End the task `failed` after Redis refused its writes for good (its stream key holds
         something that is not a stream): the stream goes, so that the record and its error can be
         read again."""
-        self.redis.delete(_chunks_key(task_id))
+        self.redis.delete(chunks_key(task_id))
         self.fail(task_id, error)
 
     def view(self, task_id: str, after: str = START_CURSOR) -> TaskView | None:
         """One consistent snapshot of record and chunks; None for an id never submitted (or expired)."""
-        flat_record, raw_entries = self._run(self._view_script, [_record_key(task_id), _chunks_key(task_id)], [])
+        flat_record, raw_entries = self._eval(self._view_script, [record_key(task_id), chunks_key(task_id)], [])
         if not flat_record:
             return None
         record = dict(zip(flat_record[::2], flat_record[1::2]))
@@ -211,13 +220,13 @@ class TaskStore:
         args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._run(self._transition_script, [_record_key(task_id), _chunks_key(task_id)], args)
+        found = self._eval(self._transition_script, [record_key(task_id), chunks_key(task_id)], args)
         if not found:
             return None, 0
         status, current = found
         return status.decode(), int(current)
 
-    def _run(self, script: Script, keys: list[str], args: list[object]) -> object:
+    def _eval(self, script: Script, keys: list[str], args: list[object]) -> object:
         """Run a script, retrying for `retry_s` the transient errors that Redis reports from inside
         scripts as plain ResponseErrors (which the client's own retry cannot recognise)."""
         deadline = time.monotonic() + self.retry_s
@@ -235,7 +244,9 @@ class TaskStore:
 
 def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str) -> TaskView:
     fields = {k.decode(): v.decode() for k, v in record.items()}
-    chunks = [Chunk(cursor=entry_id.decode(), text=data[b"text"].decode()) for entry_id, data in entries]
+    chunks = [
+        Chunk(cursor=entry_id.decode(), text=data[b"text"].decode()) for entry_id, data in entries if b"text" in data
+    ]
     later = [c for c in chunks if _cursor_key(c.cursor) > _cursor_key(after)]
     view: dict[str, object] = {
         "task_id": task_id,
@@ -247,6 +258,7 @@ def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str
         "error": fields.get("error"),
         "finish_reason": fields.get("finish_reason"),
         "attempt": int(fields.get("attempt", 0)),
+        "message": None if TaskStatus(fields["status"]).finished else NOT_COMPLETED,
     }
     if "result" in fields:
         view |= json.loads(fields["result"])

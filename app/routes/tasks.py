@@ -1,14 +1,19 @@
-"""GET /task/{id}: progress, chunks after a cursor, and the result once finished. DELETE cancels."""
+"""GET /task/{id}: progress, chunks after a cursor, and the result once finished; /events pushes
+the same as Server-Sent Events. DELETE cancels."""
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
 from app.security import VisibleTaskId
-from core.protocol import CancelAccepted, ErrorBody, TaskStatus, TaskView
-from core.store import START_CURSOR
+from app.streams import follow
+from core.protocol import CancelAccepted, ErrorBody, StreamedChunk, TaskStatus, TaskView
+from core.store import START_CURSOR, record_key
 
 router = APIRouter(tags=["tasks"])
 
@@ -25,6 +30,41 @@ def get_task(
     if view is None:
         raise task_not_found(task_id)
     return view
+
+
+async def existing_task_id(task_id: VisibleTaskId, services: ServicesDep) -> str:
+    """Checked before a stream starts, so an unknown id is a 404 rather than an empty stream."""
+    if not await services.aredis.exists(record_key(task_id)):
+        raise task_not_found(task_id)
+    return task_id
+
+
+@router.get(
+    "/task/{task_id}/events",
+    response_class=EventSourceResponse,
+    responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
+async def task_events(
+    task_id: Annotated[str, Depends(existing_task_id)],
+    services: ServicesDep,
+    after: Annotated[str, Query(pattern=CURSOR_PATTERN, description="Start after this cursor.")] = START_CURSOR,
+    last_event_id: Annotated[
+        str | None, Header(pattern=CURSOR_PATTERN, description="Sent by EventSource when it reconnects; wins over `after`.")
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Each chunk as a `chunk` event whose `id` is its cursor, so an EventSource that reconnects
+    resumes after the last one it saw; then one `result` event with the task's final view (close
+    the EventSource on it, or it reconnects and is sent the result again). Pings keep it alive."""
+    async for entry in follow(services.aredis, task_id, last_event_id or after):
+        if not entry.ended:
+            chunk = StreamedChunk(text=entry.text or "", attempt=entry.attempt)
+            yield ServerSentEvent(event="chunk", id=entry.cursor, data=chunk.model_dump())
+            continue
+        view = await anyio.to_thread.run_sync(services.store.view, task_id, entry.cursor)
+        if view is None:
+            yield ServerSentEvent(event="error", data={"detail": task_not_found(task_id).detail})
+        else:
+            yield ServerSentEvent(event="result", id=entry.cursor, data=view.model_dump(mode="json"))
 
 
 @router.delete(

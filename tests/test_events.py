@@ -1,0 +1,101 @@
+"""Our own API, pushed and forgiving: SSE with resumable cursors, trailing slashes, the tutorial's poller."""
+
+import http.client
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import httpx
+from httpx_sse import connect_sse
+
+from core.protocol import TaskStatus, TaskView
+from tests.helpers import submit
+
+STORY = "Write a short story about a lighthouse keeper."
+
+
+@dataclass
+class Event:
+    event: str
+    id: str
+    data: dict
+
+
+def read_events(
+    client: httpx.Client, task_id: str, headers: dict | None = None, stop_after: int | None = None
+) -> list[Event]:
+    """Events until the result (or until `stop_after` chunks, when the connection is dropped), read
+    with httpx-sse, which parses the stream as the SSE spec says (pings are comments, skipped)."""
+    events: list[Event] = []
+    with connect_sse(client, "GET", f"/task/{task_id}/events", headers=headers or {}, timeout=180) as source:
+        assert source.response.status_code == 200, source.response.read()
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            events.append(Event(sse.event, sse.id, sse.json()))
+            if sse.event != "chunk" or (stop_after is not None and len(events) >= stop_after):
+                break
+    return events
+
+
+def test_events_push_every_chunk_with_its_cursor_then_the_result(client: httpx.Client) -> None:
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+    events = read_events(client, task_id)
+    chunks, result = events[:-1], events[-1]
+    assert result.event == "result" and len(chunks) > 1
+    final = TaskView.model_validate(result.data)
+    assert final.status == TaskStatus.succeeded and final.message is None
+    assert "".join(e.data["text"] for e in chunks) == final.text
+    polled = client.get(f"/task/{task_id}").json()
+    assert [e.id for e in chunks] == [c["cursor"] for c in polled["chunks"]], "event ids are the poll cursors"
+
+
+def test_a_dropped_stream_resumes_after_its_last_event_id(client: httpx.Client) -> None:
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
+    first = read_events(client, task_id, stop_after=2)
+    rest = read_events(client, task_id, headers={"Last-Event-ID": first[-1].id})
+    final = TaskView.model_validate(rest[-1].data)
+    texts = [e.data["text"] for e in first + rest[:-1]]
+    assert "".join(texts) == final.text, "a chunk was lost or repeated"
+    started = time.monotonic()
+    again = read_events(client, task_id, headers={"Last-Event-ID": rest[-1].id})
+    assert [e.event for e in again] == ["result"] and time.monotonic() - started < 5, "a finished task answers at once"
+
+
+def test_events_refuse_unknown_tasks_and_bad_cursors(client: httpx.Client) -> None:
+    assert client.get(f"/task/{uuid.uuid4()}/events").status_code == 404
+    task_id = submit(client, prompt="Hi", max_new_tokens=1)
+    response = client.get(f"/task/{task_id}/events", headers={"Last-Event-ID": "not-a-cursor"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["header", "last-event-id"]
+
+
+def test_every_route_answers_with_a_trailing_slash_and_no_redirect(client: httpx.Client) -> None:
+    accepted = client.post("/generate/", json={"prompt": "Hi", "max_new_tokens": 1})
+    assert accepted.status_code == 202, accepted.text
+    task_id = accepted.json()["task_id"]
+    for method, path in (("GET", f"/task/{task_id}/"), ("GET", "/health/"), ("GET", f"/task/{task_id}/events/")):
+        with client.stream(method, path) as response:
+            assert response.status_code == 200, (path, response.status_code)
+    assert client.delete(f"/task/{task_id}/").status_code in (202, 409)
+
+
+def tutorial_poller(base_url: str, prompt: str) -> str:
+    """The tutorial's client, as it was written: http.client, POST /generate/, then GET /task/{id}
+    every 2 s until the body no longer says "Task not completed yet"; it prints that body."""
+    url = urlparse(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request("POST", "/generate/", json.dumps({"prompt": prompt}), {"Content-Type": "application/json"})
+    task_id = json.loads(connection.getresponse().read())["task_id"]
+    while True:
+        connection.request("GET", f"/task/{task_id}")
+        body = connection.getresponse().read().decode()
+        if "Task not completed yet" not in body:
+            return body
+        time.sleep(2)
+
+
+def test_the_tutorials_poller_prints_the_answer_with_time_and_memory(api_url: str) -> None:
+    body = json.loads(tutorial_poller(api_url, "What is the capital of France?"))
+    assert body["status"] == "succeeded" and body["text"]
+    assert body["timings"]["total_s"] > 0 and body["memory"]["peak_bytes"] > 0
