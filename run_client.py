@@ -4,7 +4,8 @@
     echo "Why is the sky blue?" | python run_client.py
     python run_client.py --chat --system "Answer in one sentence."
 
-The answer goes to stdout and everything else (stats, errors) to stderr, so the answer can be
+The answer is read from the task's event stream as the server pushes it (`--poll` polls
+instead). It goes to stdout and everything else (stats, errors) to stderr, so the answer can be
 piped. Exit codes: 0 done, 1 the task failed, 2 the server is unreachable, 3 the request was
 rejected, 4 timed out, 130 interrupted (Ctrl-C also cancels the task on the server).
 """
@@ -15,11 +16,22 @@ import time
 from collections.abc import Iterable, Iterator
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from core.protocol import ChatMessage, ErrorBody, GenerateAccepted, GenerateRequest, Role, TaskStatus, TaskView
+from core.protocol import (
+    Chunk,
+    ChatMessage,
+    ErrorBody,
+    GenerateAccepted,
+    GenerateRequest,
+    Role,
+    StreamedChunk,
+    TaskStatus,
+    TaskView,
+)
 from core.settings import get_settings
 
 EXIT_INTERRUPTED = 130
@@ -61,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system", help="system prompt (default: the server's)")
     parser.add_argument("--max-tokens", type=int, help="most new tokens to generate (default: the server's)")
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 is greedy (default: the server's)")
+    parser.add_argument("--poll", action="store_true", help="poll GET /task/{id} instead of following its event stream")
     parser.add_argument("--poll-interval", type=_positive, default=0.1, help="seconds between polls (default: 0.1)")
     parser.add_argument("--timeout", type=_positive, default=600, help="seconds to wait for each answer (default: 600)")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer <key>' (default: API_KEY from the environment)")
@@ -134,6 +147,54 @@ def poll(client: httpx.Client, task_id: str, interval_s: float, timeout_s: float
         time.sleep(min(interval_s, remaining))
 
 
+RECONNECT_PAUSE_S = 1.0
+
+
+def follow(client: httpx.Client, task_id: str, timeout_s: float) -> Iterator[TaskView]:
+    """GET /task/{id}/events as views: one per chunk as the server pushes it, then the final one.
+
+    A dropped connection is resumed where it stopped (Last-Event-ID), as a browser's EventSource
+    would, until `timeout_s` runs out.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_id: str | None = None
+    while True:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        try:
+            with connect_sse(client, "GET", f"/task/{task_id}/events", headers=headers) as source:
+                if source.response.status_code != httpx.codes.OK:
+                    source.response.read()
+                    raise TaskFailed(
+                        f"following task {task_id} failed (HTTP {source.response.status_code}): "
+                        f"{error_detail(source.response)}"
+                    )
+                for event in source.iter_sse():
+                    if time.monotonic() > deadline:
+                        raise TimedOut(f"gave up after {timeout_s:g} s; task {task_id} has not finished")
+                    if event.event == "result":
+                        yield TaskView.model_validate(event.json())
+                        return
+                    if event.event == "error":
+                        raise TaskFailed(f"task {task_id}: {event.json().get('detail')}")
+                    last_id = event.id
+                    chunk = StreamedChunk.model_validate(event.json())
+                    yield TaskView(
+                        task_id=task_id,
+                        status=TaskStatus.running,
+                        attempt=chunk.attempt,
+                        text="",
+                        chunks=[Chunk(cursor=event.id, text=chunk.text)],
+                        cursor=event.id,
+                    )
+        except (httpx.ReadError, httpx.RemoteProtocolError, SSEError):
+            if last_id is None or time.monotonic() > deadline:
+                raise Unreachable(f"lost the event stream of task {task_id}") from None
+            time.sleep(RECONNECT_PAUSE_S)
+        except httpx.TransportError as exc:
+            url = str(client.base_url).rstrip("/")
+            raise Unreachable(f"cannot reach the server at {url} ({type(exc).__name__}: {exc})") from None
+
+
 def fetch(client: httpx.Client, task_id: str, params: dict[str, str]) -> TaskView:
     response = _send(client, "GET", f"/task/{task_id}", params=params)
     if response.status_code != httpx.codes.OK:
@@ -160,15 +221,20 @@ def stream_text(views: Iterable[TaskView]) -> TaskView:
             last_char = chunk.text[-1:] or last_char
     if last_char != "\n":
         print(flush=True)
-    assert view is not None, "poll yields at least once"
+    assert view is not None, "poll and follow yield at least once"
     return view
 
 
 def answer(client: httpx.Client, body: dict, options: argparse.Namespace) -> TaskView:
     """One task from submission to its result; TaskFailed when the worker reported an error."""
     task_id = submit(client, body)
+    views = (
+        poll(client, task_id, options.poll_interval, options.timeout)
+        if options.poll
+        else follow(client, task_id, options.timeout)
+    )
     try:
-        view = stream_text(poll(client, task_id, options.poll_interval, options.timeout))
+        view = stream_text(views)
     except KeyboardInterrupt:
         cancel(client, task_id)
         raise

@@ -2,6 +2,8 @@
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from core.protocol import TaskStatus, TaskView
+from devstack.processes import ROOT
 from tests.helpers import submit
 
 STORY = "Write a short story about a lighthouse keeper."
@@ -99,3 +102,15 @@ def test_the_tutorials_poller_prints_the_answer_with_time_and_memory(api_url: st
     body = json.loads(tutorial_poller(api_url, "What is the capital of France?"))
     assert body["status"] == "succeeded" and body["text"]
     assert body["timings"]["total_s"] > 0 and body["memory"]["peak_bytes"] > 0
+
+
+def run_client(url: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "run_client.py", "--url", url, "--max-tokens", "24", "--temperature", "0", *args]
+    return subprocess.run(command + [STORY], cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_the_client_follows_the_event_stream_and_polls_on_request(api_url: str) -> None:
+    pushed, polled = run_client(api_url), run_client(api_url, "--poll")
+    assert pushed.returncode == 0 and polled.returncode == 0, pushed.stderr + polled.stderr
+    assert pushed.stdout.strip() and pushed.stdout == polled.stdout
+    assert "tok/s" in pushed.stderr
