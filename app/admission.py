@@ -38,7 +38,10 @@ def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
 
 def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None:
     """Text that would forge the chat format's own structure (Llama-2's `[INST]`, `<<SYS>>`) is refused,
-    as Meta's reference `chat_completion` refuses it, rather than passed on to fake a turn."""
+    as Meta's reference `chat_completion` refuses it, rather than passed on to fake a turn. A raw
+    prompt has no chat format to forge: it is the model's input as the client wrote it."""
+    if body.raw:
+        return
     fields: list[tuple[tuple[str | int, ...], str | None]] = [
         (("prompt",), body.prompt),
         (("system_prompt",), body.system_prompt),

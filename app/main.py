@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import errors
 from app.deps import Services
+from app.openai.app import create_openai_app, share_services
 from app.routes import generate, health, tasks
 from app.security import authenticate
 from core.protocol import ErrorBody
@@ -68,6 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logging.basicConfig(level=settings.log_level)
     check_exposure(settings)
     app.state.services = build_services()
+    for family in app.state.families:
+        share_services(family, app.state.services)
     yield
     await app.state.services.aredis.aclose()
 
@@ -111,6 +114,9 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (generate, tasks):
         app.include_router(module.router, dependencies=[Depends(authenticate)], responses=UNAUTHORIZED)
     app.include_router(health.router)
+    openai_app = create_openai_app()
+    app.mount("/v1", openai_app)
+    app.state.families = [openai_app]
     return app
 
 

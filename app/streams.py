@@ -7,16 +7,18 @@ so the reader needs no polling of the record to learn that it is over; it looks 
 only when a long wait brings nothing (a record that expired, or ended before streams had ends).
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-
+import anyio
 import redis.asyncio
 
-from core.protocol import TaskStatus
+from app.deps import Services
+from core.protocol import TaskStatus, TaskView
 from core.store import START_CURSOR, chunks_key, record_key
 
 BLOCK_MS = 15_000
 BATCH = 256
+DISCONNECT_CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,66 @@ async def follow(client: redis.asyncio.Redis, task_id: str, after: str = START_C
 async def _over(client: redis.asyncio.Redis, task_id: str) -> bool:
     status = await client.hget(record_key(task_id), "status")
     return status is None or TaskStatus(status.decode()).finished
+
+
+class StreamBroken(Exception):
+    """The answer cannot go on in this stream: the task failed, expired, or restarted its text."""
+
+
+async def texts_then_result(services: Services, task_id: str) -> AsyncIterator[str | TaskView]:
+    """Each chunk's text as it comes, then the task's final view: for the routes that stream an answer.
+
+    A new attempt restarts the text (a worker died and another took over), which a client that
+    joins chunks would take as one answer: that, like a failed task, raises StreamBroken. A
+    client that goes away before the end (the iteration is abandoned) cancels the task, so the
+    model is freed at once.
+    """
+    attempt: int | None = None
+    try:
+        async for entry in follow(services.aredis, task_id):
+            if entry.ended:
+                break
+            if attempt is not None and entry.attempt != attempt:
+                raise StreamBroken(
+                    f"a worker stopped and attempt {entry.attempt} restarted the answer; read it from /task/{task_id}"
+                )
+            attempt = entry.attempt
+            yield entry.text or ""
+        yield await final_view(services, task_id)
+    except (GeneratorExit, anyio.get_cancelled_exc_class()):
+        services.store.request_cancel(task_id)
+        raise
+
+
+async def final_view(services: Services, task_id: str) -> TaskView:
+    """The view of a task whose stream has ended; StreamBroken if it failed or is gone."""
+    view = await anyio.to_thread.run_sync(services.store.view, task_id)
+    if view is None:
+        raise StreamBroken(f"task {task_id} has expired")
+    if view.status == TaskStatus.failed:
+        raise StreamBroken(view.error or "the generation failed")
+    return view
+
+
+async def until_ended(services: Services, task_id: str, disconnected: Callable[[], Awaitable[bool]]) -> bool:
+    """Wait for the task's end; False as soon as `disconnected()` says the client left (then the
+    task is cancelled, so the model does not go on for nobody)."""
+    ended = False
+    async with anyio.create_task_group() as tasks:
+
+        async def read() -> None:
+            nonlocal ended
+            async for entry in follow(services.aredis, task_id):
+                ended = entry.ended
+            tasks.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while not await disconnected():
+                await anyio.sleep(DISCONNECT_CHECK_S)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(read)
+        tasks.start_soon(watch)
+    if not ended:
+        await anyio.to_thread.run_sync(services.store.request_cancel, task_id)
+    return ended

@@ -64,6 +64,9 @@ class GenerateRequest(BaseModel):
     prompt: Text | None = Field(None, min_length=1)
     system_prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
+    raw: bool = Field(
+        False, description="The prompt is the model's input as it is: no chat format and no system prompt."
+    )
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: Annotated[float, AfterValidator(_greedy_or_warm)] | None = Field(
         None, ge=0, description="0 means greedy decoding."
@@ -91,6 +94,13 @@ class GenerateRequest(BaseModel):
         if messages is not None:
             _check_roles(messages, has_system_prompt=info.data.get("system_prompt") is not None)
         return messages
+
+    @field_validator("raw")
+    @classmethod
+    def _raw_prompt_only(cls, raw: bool, info: ValidationInfo) -> bool:
+        if raw and (info.data.get("messages") is not None or info.data.get("system_prompt") is not None):
+            raise ValueError("'raw' takes a 'prompt' alone: no 'messages' and no 'system_prompt'")
+        return raw
 
     @field_validator("stop")
     @classmethod

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache_dir: Path = Path(".cache/models")
+    model_alias: str = Field("", description="Another name clients may give as `model` (the OpenAI API).")
     prompt_format: Literal["auto", "llama2", "template"] = "auto"
     context_window: int | None = Field(None, ge=16, description="Tokens; empty means the model config's value.")
     default_system_prompt: str = "You are a helpful assistant."

@@ -41,6 +41,8 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not orphan the children
+            signal.signal(signum, signal.SIG_IGN)
         _stop(processes, worker)
 
 

@@ -33,8 +33,14 @@ def build_prompt(formatter: ChatFormatter, request: GenerateRequest, default_sys
     """The request's prompt ids in at most `budget` tokens, dropping the fewest oldest (user, assistant) pairs.
 
     Sizes are real token counts of the re-encoded prompt, since turn boundaries add tokens and
-    templates may add text of their own; a cheap estimate only picks which counts to take.
+    templates may add text of their own; a cheap estimate only picks which counts to take. A raw
+    prompt has no turns to drop: it fits or it is refused.
     """
+    if request.raw:
+        ids = formatter.encode_raw(request.prompt or "")
+        if len(ids) > budget:
+            raise PromptTooLong(len(ids), budget)
+        return Prompt(ids, 0)
     system, turns = _split_system(request, default_system_prompt)
     history, newest = turns[:-1], turns[-1]
     pair_chars = [len(history[i].content) + len(history[i + 1].content) for i in range(0, len(history) - 1, 2)]

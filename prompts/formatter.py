@@ -18,6 +18,10 @@ class ChatFormatter(Protocol):
         """Prompt ids for user/assistant turns that alternate and end with the user; the system prompt comes apart."""
         ...
 
+    def encode_raw(self, text: str) -> list[int]:
+        """A raw prompt (no chat format at all) as the model's tokenizer encodes it, BOS included."""
+        ...
+
     def reserved_in(self, text: str) -> str | None:
         """The first of `reserved_text` that `text` holds, for the API to refuse by name; None when it holds none."""
         ...

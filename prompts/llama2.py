@@ -5,7 +5,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from core.protocol import ChatMessage
-from prompts.tokens import encode_text, first_reserved, load_tokenizer, special_token_id, tokenizer_config
+from prompts.tokens import encode_raw, encode_text, first_reserved, load_tokenizer, special_token_id, tokenizer_config
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -37,6 +37,9 @@ class Llama2Formatter:
 
     def reserved_in(self, text: str) -> str | None:
         return first_reserved(text, self.reserved_text)
+
+    def encode_raw(self, text: str) -> list[int]:
+        return encode_raw(self._tokenizer, text)
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         contents = _fold_system(system, [message.content for message in messages])

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from core.protocol import ChatMessage, Role
-from prompts.tokens import encode_text, first_reserved, load_tokenizer, special_token_text, tokenizer_config
+from prompts.tokens import encode_raw, encode_text, first_reserved, load_tokenizer, special_token_text, tokenizer_config
 
 # A placeholder is an index in private-use characters, which no template writes, padded (see above).
 _PAD = "\u2003"
@@ -68,6 +68,9 @@ class TemplateFormatter:
 
     def reserved_in(self, text: str) -> str | None:
         return first_reserved(text, self.reserved_text)
+
+    def encode_raw(self, text: str) -> list[int]:
+        return encode_raw(self._text, text)
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         chat = [ChatMessage(role=Role.system, content=system)] if system is not None else []

@@ -62,3 +62,9 @@ def first_reserved(text: str, reserved: tuple[str, ...]) -> str | None:
     """
     found = [(index, order) for order, word in enumerate(reserved) if (index := text.find(word)) >= 0]
     return reserved[min(found)[1]] if found else None
+
+
+def encode_raw(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A raw prompt's ids as the model's tokenizer gives them (BOS added where its post-processor
+    adds one), with any control token's text in it kept as text."""
+    return tokenizer.encode(text, add_special_tokens=True).ids

@@ -46,6 +46,7 @@ def test_make_run_restarts_a_worker_that_exits(stack_env: dict[str, str], tmp_pa
     log = open(tmp_path / "devstack.log", "wb")
     devstack = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
     try:
         wait_until(lambda: healthy(url), STARTUP_S, "make run's stack", interval_s=0.5)
         (first,) = celery_children(devstack)
@@ -56,8 +57,10 @@ def test_make_run_restarts_a_worker_that_exits(stack_env: dict[str, str], tmp_pa
         wait_until(lambda: healthy(url), STARTUP_S, "the new worker", interval_s=0.5)
         task = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=30)
         assert task.status_code == 202
+        children = psutil.Process(devstack.pid).children()
     finally:
-        devstack.send_signal(signal.SIGTERM)
-        stop(devstack, timeout_s=60)
+        stop(devstack, timeout_s=120)  # SIGTERM, as a process manager stops it
     text = (tmp_path / "devstack.log").read_text(errors="replace")
     assert "restarting it" in text, text[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert devstack.returncode == 0 and not alive, f"left running: {alive}"

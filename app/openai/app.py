@@ -1,0 +1,24 @@
+"""The OpenAI family as its own sub-application, mounted at /v1, so that it answers every error in
+OpenAI's envelope while the other routes keep FastAPI's."""
+
+from fastapi import Depends, FastAPI
+
+from app.deps import Services
+from app.openai import errors
+from app.openai.protocol import ErrorResponse
+from app.openai.routes import router
+from app.security import authenticate
+
+
+def create_openai_app() -> FastAPI:
+    app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False)
+    errors.install(app)
+    app.include_router(
+        router, dependencies=[Depends(authenticate)], responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}}
+    )
+    return app
+
+
+def share_services(app: FastAPI, services: Services) -> None:
+    """A mounted application has state of its own: it is handed the parent's services at startup."""
+    app.state.services = services

@@ -1,0 +1,75 @@
+"""OpenAI requests onto the one internal request, and task results back into OpenAI's shapes."""
+
+import time
+
+from app.openai.errors import OpenAIError
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from app.openai.protocol import ChatCompletionRequest, CompletionRequest, Sampling, Usage
+from core.protocol import GenerateRequest, Role, TaskView
+
+ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
+
+
+def check_supported(body: Sampling, served: list[str]) -> None:
+    """The model must be one this server serves; options it cannot honour are refused by name."""
+    if body.model not in served:
+        raise OpenAIError(
+            404, f"the model '{body.model}' does not exist; this server serves {', '.join(served)}",
+            param="model", code="model_not_found",
+        )
+    if body.n != 1:
+        raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    if (option := body.first_used()) is not None:
+        raise OpenAIError(400, f"'{option}' is not supported by this server", param=option, code="unsupported_parameter")
+
+
+def chat_request(body: ChatCompletionRequest) -> dict[str, object]:
+    """The internal request as a dict, validated by the admission path like any other."""
+    return _sampling(body, body.max_completion_tokens or body.max_tokens) | {
+        "messages": [{"role": ROLES[m.role], "content": m.text()} for m in body.messages]
+    }
+
+
+def completion_request(body: CompletionRequest) -> dict[str, object]:
+    """A Completions prompt is the model's raw input: no chat template, no system prompt."""
+    return _sampling(body, body.max_tokens) | {"prompt": body.prompt, "raw": True}
+
+
+def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
+    """Only what the client set: the rest takes the server's defaults, as for /generate."""
+    values = {
+        "max_new_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "seed": body.seed,
+        "stop": body.stops() or None,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def validated(fields: dict[str, object]) -> GenerateRequest:
+    """Raises FastAPI's RequestValidationError, which this family answers as a 400 naming the field."""
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def finish_reason(view: TaskView) -> str:
+    """OpenAI knows `stop` (the model ended, a stop string, or a cancel) and `length` (the token or
+    time limit)."""
+    return "length" if view.finish_reason in ("length", "timeout") else "stop"
+
+
+def usage(view: TaskView) -> Usage:
+    prompt = view.usage.prompt_tokens if view.usage else 0
+    completion = view.usage.completion_tokens if view.usage else 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def created_now() -> int:
+    return int(time.time())

@@ -1,0 +1,123 @@
+"""OpenAI's API on the durable queue, driven by the official `openai` package against the real stack."""
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from core.protocol import TaskStatus
+from devstack.processes import wait_until
+from tests.extra_api import extra_api
+from tests.helpers import poll_until_finished, submit
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture
+def sdk(api_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def test_models_lists_and_retrieves_the_served_model(sdk: openai.OpenAI) -> None:
+    assert [m.id for m in sdk.models.list()] == [MODEL]
+    assert sdk.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("gpt-4")
+    assert caught.value.code == "model_not_found"
+
+
+def test_chat_answers_as_generate_does_and_names_its_task(sdk: openai.OpenAI, client: httpx.Client) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24
+    )
+    completion = raw.parse()
+    task_id = raw.headers["x-task-id"]
+    assert completion.id == f"chatcmpl-{task_id}" and completion.model == MODEL
+    (choice,) = completion.choices
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert client.get(f"/task/{task_id}").json()["text"] == choice.message.content
+    generated, _ = poll_until_finished(client, submit(client, prompt=QUESTION, temperature=0, max_new_tokens=24))
+    assert generated.text == choice.message.content, "the same prompt, the same greedy text"
+
+
+def test_chat_streams_as_the_sdk_expects_with_usage_last(sdk: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    whole = sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_completion_tokens=24)
+    chunks = list(sdk.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_completion_tokens=24, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({(c.id, c.created, c.model) for c in chunks}) == 1
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_completions_take_the_raw_prompt(sdk: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    whole = sdk.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8)
+    streamed = list(sdk.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert whole.choices[0].text and "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert whole.usage.prompt_tokens < 10, "no chat template or system prompt around it"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
+     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"max_tokens": 0}, "max_tokens"),
+     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages")],
+)
+def test_refusals_are_400s_naming_the_parameter(sdk: openai.OpenAI, extra: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | extra
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(**body)
+    assert caught.value.status_code == 400 and caught.value.param == param, caught.value.body
+
+
+def test_unknown_fields_are_ignored(sdk: openai.OpenAI) -> None:
+    answer = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={"some_extra": 1},
+        user="someone",
+    )
+    assert answer.choices[0].message.content is not None
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_task(sdk: openai.OpenAI, client: httpx.Client) -> None:
+    raw = sdk.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        max_tokens=400, stream=True,
+    )
+    with raw as response:
+        task_id = response.headers["x-task-id"]
+        for _, _chunk in zip(range(3), response.parse()):
+            pass
+    wait_until(lambda: client.get(f"/task/{task_id}").json()["status"] == TaskStatus.cancelled, 30,
+               "the abandoned task to be cancelled")
+
+
+def test_keys_and_a_full_queue_reach_the_sdk_as_its_own_errors(
+    api_url: str, redis_server: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    key = "k-" + uuid.uuid4().hex
+    overrides = {"API_KEYS": key, "REDIS_URL": redis_server.rsplit("/", 1)[0] + "/3", "MAX_QUEUED_TASKS": "1"}
+    with extra_api(stack_env, tmp_path, overrides) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as stranger:
+            with pytest.raises(openai.AuthenticationError):
+                stranger.models.list()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=5) as owner:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "stream": True}
+            owner.chat.completions.create(**body).response.close()  # queued on a database no worker reads
+            with pytest.raises(openai.RateLimitError) as caught:
+                owner.chat.completions.create(**body)
+    assert int(caught.value.response.headers["retry-after"]) > 0
