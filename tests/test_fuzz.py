@@ -191,3 +191,36 @@ def test_what_the_fuzz_found_is_a_422_naming_the_field(fuzz_client: httpx.Client
     response = fuzz_client.post("/generate", content=payload, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert field in response.text
+
+
+openai_bodies = st.fixed_dictionaries(
+    {"model": st.just("SmolLM2-135M-Instruct") | hostile_text, "max_tokens": token_counts},
+    optional={
+        "messages": messages | st.lists(st.fixed_dictionaries({"role": roles, "content": st.lists(
+            st.fixed_dictionaries({"type": st.just("text") | hostile_text, "text": hostile_text}), max_size=2)})),
+        "prompt": hostile_text | json_values,
+        "temperature": numbers,
+        "top_p": numbers,
+        "stop": hostile_text | st.lists(hostile_text, max_size=20) | json_values,
+        "n": numbers,
+        "stream": st.booleans() | json_values,
+        "logprobs": st.booleans(),
+        "tools": json_values,
+        "seed": numbers,
+        "stream_options": json_values,
+    },
+)
+
+
+def test_openai_routes_never_fail_on_hostile_bodies(fuzz_client: httpx.Client) -> None:
+    """Every refusal is a 4xx in OpenAI's envelope; whatever is accepted is answered (1 or 2 tokens)."""
+
+    @FUZZ
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), payload=openai_bodies.map(encode))
+    def post(path: str, payload: bytes) -> None:
+        response = fuzz_client.post(path, content=payload, headers={"content-type": "application/json"}, timeout=60)
+        assert response.status_code < 500, f"{path}: {response.text[:500]}"
+        if response.status_code >= 400:
+            assert response.json()["error"]["message"], "a refusal says why, in OpenAI's envelope"
+
+    post()
