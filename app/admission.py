@@ -8,6 +8,9 @@ queued ones and a worker never meets a message without its record.
 
 import uuid
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
 from app.deps import Services
 from app.errors import field_error
 from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
@@ -34,6 +37,15 @@ def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
         raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
     check_queue_room(services)
     return _enqueue(body, services, caller)
+
+
+def internal_request(fields: dict[str, object]) -> GenerateRequest:
+    """Another API family's request, mapped onto ours, validated as ours: a refusal is FastAPI's
+    RequestValidationError naming our field, which each family answers in its own envelope."""
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None:

@@ -10,6 +10,8 @@ from fastapi import Depends, Request
 
 from core.settings import Settings
 from core.store import TaskStore
+from tokenizers import Tokenizer
+
 from prompts import ChatFormatter
 
 
@@ -21,6 +23,8 @@ class Services:
     store: TaskStore
     celery: Celery
     formatter: ChatFormatter
+    tokenizer: Tokenizer  # for llama.cpp's /tokenize and /detokenize: control tokens as tokens
+    chat_template: str
     context_window: int
 
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app import errors
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
+from app.llamacpp import routes as llamacpp
 from app.routes import generate, health, tasks
 from app.security import authenticate
 from core.protocol import ErrorBody
@@ -23,7 +24,8 @@ from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
 from core.store import TaskStore
 from model_loader.source import model_dir, model_name
-from prompts import context_window, load_formatter
+from prompts import chat_template, context_window, load_formatter
+from prompts.tokens import load_tokenizer
 from worker.celery_app import app as celery_app
 
 
@@ -39,6 +41,8 @@ def build_services() -> Services:
         store=TaskStore(client, settings.result_ttl_s),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
+        tokenizer=load_tokenizer(folder, specials_as_text=False),
+        chat_template=chat_template(folder),
         context_window=settings.usable_context(context_window(folder, settings.context_window)),
     )
 
@@ -111,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    for module in (generate, tasks):
+    for module in (generate, tasks, llamacpp):
         app.include_router(module.router, dependencies=[Depends(authenticate)], responses=UNAUTHORIZED)
     app.include_router(health.router)
     openai_app = create_openai_app()

@@ -195,6 +195,7 @@ class GenerationResult(BaseModel):
 
     text: str
     finish_reason: FinishReason
+    stop_string: str | None = Field(None, description="The stop string that ended it (finish_reason 'stop').")
     usage: Usage
     timings: Timings
     memory: MemoryStats
@@ -212,6 +213,7 @@ class TaskView(BaseModel):
     chunks: list[Chunk] = Field(description="Chunks after the requested cursor, oldest first.")
     cursor: str = Field(description="The cursor to pass as ?after= next time.")
     finish_reason: FinishReason | None = None
+    stop_string: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     memory: MemoryStats | None = None

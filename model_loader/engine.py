@@ -47,6 +47,7 @@ class Outcome:
     time_to_first_token_s: float | None
     generation_s: float
     peak_bytes: int
+    stop_string: str | None = None
 
 
 Interruption = Callable[[], str | None]
@@ -137,6 +138,7 @@ class TokenSink:
             time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
             generation_s=time.perf_counter() - self.started,
             peak_bytes=peak_bytes(device),
+            stop_string=self.stream.stopped_by,
         )
 
     def _finish_reason(self, last_token: int | None, eos_ids: list[int]) -> str:

@@ -22,6 +22,7 @@ class TextStream:
         self.text = ""
         self.published = 0
         self.stopped = False
+        self.stopped_by: str | None = None
 
     def add(self, token_id: int) -> None:
         """Take one generated token; sets `stopped` and cuts the text when a stop string appears."""
@@ -58,9 +59,10 @@ class TextStream:
         return after[len(before) :]
 
     def _cut_at_stop(self, search_from: int) -> None:
-        hits = [i for i in (self.text.find(s, max(search_from, 0)) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := self.text.find(s, max(search_from, 0))) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            at, self.stopped_by = min(hits)
+            self.text = self.text[:at]
             self.stopped = True
 
     def _longest_stop(self) -> int:

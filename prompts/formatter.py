@@ -6,7 +6,8 @@ from typing import Protocol
 
 from core.protocol import ChatMessage
 from prompts.llama2 import Llama2Formatter
-from prompts.template import TemplateFormatter
+from prompts.template import TemplateFormatter, read_template
+from prompts.tokens import tokenizer_config
 
 
 class ChatFormatter(Protocol):
@@ -41,6 +42,14 @@ def load_formatter(model_dir: Path, prompt_format: str, model_name: str) -> Chat
 def _is_llama2(model_name: str) -> bool:
     name = model_name.lower()
     return "llama-2" in name or "llama2" in name
+
+
+def chat_template(model_dir: Path) -> str:
+    """The tokenizer's chat template as written, or "" when the folder has none (llama.cpp's /props)."""
+    try:
+        return read_template(model_dir, tokenizer_config(model_dir))
+    except ValueError:
+        return ""
 
 
 def context_window(model_dir: Path, override: int | None) -> int:

@@ -60,7 +60,7 @@ class TemplateFormatter:
         config = tokenizer_config(model_dir)
         variables = {name: text for name in _TOKEN_VARIABLES if (text := special_token_text(config, name))}
         return cls(
-            _compile_template(_read_template(model_dir, config)),
+            _compile_template(read_template(model_dir, config)),
             variables,
             structural=load_tokenizer(model_dir, specials_as_text=False),
             text=load_tokenizer(model_dir, specials_as_text=True),
@@ -120,7 +120,7 @@ def _content(placeholder: re.Match[str], contents: list[str]) -> str:
     return content
 
 
-def _read_template(model_dir: Path, config: dict[str, Any]) -> str:
+def read_template(model_dir: Path, config: dict[str, Any]) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates: the default)."""
     path = model_dir / "chat_template.jinja"
     if path.exists():

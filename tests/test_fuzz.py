@@ -194,7 +194,7 @@ def test_what_the_fuzz_found_is_a_422_naming_the_field(fuzz_client: httpx.Client
 
 
 openai_bodies = st.fixed_dictionaries(
-    {"model": st.just("SmolLM2-135M-Instruct") | hostile_text, "max_tokens": token_counts},
+    {"model": st.just("SmolLM2-135M-Instruct") | hostile_text, "max_tokens": token_counts, "n_predict": token_counts},
     optional={
         "messages": messages | st.lists(st.fixed_dictionaries({"role": roles, "content": st.lists(
             st.fixed_dictionaries({"type": st.just("text") | hostile_text, "text": hostile_text}), max_size=2)})),
@@ -208,19 +208,24 @@ openai_bodies = st.fixed_dictionaries(
         "tools": json_values,
         "seed": numbers,
         "stream_options": json_values,
+        "content": hostile_text | json_values,
+        "tokens": st.lists(numbers, max_size=8) | json_values,
+        "with_pieces": st.booleans() | json_values,
     },
 )
 
 
-def test_openai_routes_never_fail_on_hostile_bodies(fuzz_client: httpx.Client) -> None:
-    """Every refusal is a 4xx in OpenAI's envelope; whatever is accepted is answered (1 or 2 tokens)."""
+def test_openai_and_llama_cpp_routes_never_fail_on_hostile_bodies(fuzz_client: httpx.Client) -> None:
+    """Every refusal is a 4xx in the family's envelope (both have `error.message`); whatever is
+    accepted is answered (1 or 2 tokens)."""
 
     @FUZZ
-    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), payload=openai_bodies.map(encode))
+    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/completion", "/tokenize", "/detokenize"]),
+           payload=openai_bodies.map(encode))
     def post(path: str, payload: bytes) -> None:
         response = fuzz_client.post(path, content=payload, headers={"content-type": "application/json"}, timeout=60)
         assert response.status_code < 500, f"{path}: {response.text[:500]}"
         if response.status_code >= 400:
-            assert response.json()["error"]["message"], "a refusal says why, in OpenAI's envelope"
+            assert response.json()["error"]["message"], "a refusal says why, in the family's envelope"
 
     post()

@@ -157,6 +157,7 @@ class WorkerRuntime:
         return GenerationResult(
             text=outcome.text,
             finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+            stop_string=outcome.stop_string,
             usage=Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens),
             timings=Timings(
                 queued_s=max(0.0, started_at - enqueued_at),

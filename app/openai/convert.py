@@ -3,11 +3,8 @@
 import time
 
 from app.openai.errors import OpenAIError
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-
 from app.openai.protocol import ChatCompletionRequest, CompletionRequest, Sampling, Usage
-from core.protocol import GenerateRequest, Role, TaskView
+from core.protocol import Role, TaskView
 
 ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
 
@@ -49,14 +46,6 @@ def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
         "stop": body.stops() or None,
     }
     return {key: value for key, value in values.items() if value is not None}
-
-
-def validated(fields: dict[str, object]) -> GenerateRequest:
-    """Raises FastAPI's RequestValidationError, which this family answers as a 400 naming the field."""
-    try:
-        return GenerateRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def finish_reason(view: TaskView) -> str:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from app.admission import admit
+from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
 from app.openai import convert
 from app.openai.errors import OpenAIError
@@ -35,7 +35,7 @@ from app.openai.protocol import (
 from app.security import CallerTag
 from app.sse import sse_response
 from app.streams import StreamBroken, final_view, texts_then_result, until_ended
-from core.protocol import GenerateRequest, TaskView
+from core.protocol import TaskView
 from model_loader.source import model_name
 
 router = APIRouter()
@@ -130,8 +130,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
 async def _admit(body: Sampling, fields: dict[str, object], services: Services, caller: str | None) -> str:
     """Refuse what this family cannot honour, then the admission every door shares."""
     convert.check_supported(body, served_models(services))
-    request: GenerateRequest = convert.validated(fields)
-    return await run_in_threadpool(admit, request, services, caller)
+    return await run_in_threadpool(admit, internal_request(fields), services, caller)
 
 
 async def _result(services: Services, task_id: str, request: Request) -> TaskView | None:

@@ -1,0 +1,99 @@
+"""llama.cpp server's wire shapes (tools/server/README.md), for the routes served here.
+
+Fields llama.cpp has and this server accepts without acting on them (`min_p`, `cache_prompt`,
+the slot ids) are declared so that clients sending them work; unknown fields are ignored, as
+llama.cpp ignores them.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.protocol import MIN_REPETITION_PENALTY, Text
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Text = Field(description="The model's raw input; BOS is added as the tokenizer adds it.")
+    n_predict: int = Field(-1, ge=-1, description="-1 means the server's limit.")
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1, description="Accepted, not applied.")
+    stop: list[Text] = Field(default_factory=list)
+    stream: bool = False
+    seed: int = Field(-1, ge=-1, description="-1 means random.")
+    repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
+    cache_prompt: bool = True
+    id_slot: int = -1
+    slot_id: int | None = None
+
+
+class Timings(BaseModel):
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_token_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_token_ms: float
+    predicted_per_second: float
+
+
+class CompletionResult(BaseModel):
+    content: str
+    stop: bool = True
+    stop_type: Literal["eos", "limit", "word", "none"]
+    stopped_eos: bool
+    stopped_limit: bool
+    stopped_word: bool
+    stopping_word: str
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int = 0
+    truncated: bool = False
+    generation_settings: dict[str, Any]
+    model: str
+    prompt: str
+    id_slot: int = 0
+    slot_id: int = 0
+    timings: Timings
+
+
+class StreamPiece(BaseModel):
+    content: str
+    stop: Literal[False] = False
+
+
+class TokenizeRequest(BaseModel):
+    content: Text
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class Piece(BaseModel):
+    id: int
+    piece: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[Piece]
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int] = Field(max_length=100_000)
+
+
+class DetokenizeResponse(BaseModel):
+    content: str
+
+
+class ErrorDetail(BaseModel):
+    code: int
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,161 @@
+"""/completion, /tokenize, /detokenize and /props, as llama.cpp's server answers them."""
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from app.admission import admit, internal_request
+from app.deps import Services, ServicesDep
+from app.llamacpp.errors import LlamaCppRoute, envelope
+from app.llamacpp.protocol import (
+    CompletionRequest,
+    CompletionResult,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Piece,
+    StreamPiece,
+    Timings,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from app.security import CallerTag
+from app.sse import sse_response
+from app.streams import StreamBroken, final_view, texts_then_result, until_ended
+from core.protocol import TaskView
+from core.settings import Settings
+from model_loader.source import model_name
+
+router = APIRouter(route_class=LlamaCppRoute, tags=["llama.cpp"])
+STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word"}
+CLIENT_GONE = 499
+
+
+@router.post("/completion", response_model=CompletionResult)
+async def completion(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
+    task_id = await run_in_threadpool(admit, internal_request(_internal(body, services.settings)), services, caller)
+    if body.stream:
+        return sse_response(_pieces(services, task_id, body), {"X-Task-Id": task_id})
+    if not await until_ended(services, task_id, request.is_disconnected):
+        return Response(status_code=CLIENT_GONE)
+    try:
+        view = await final_view(services, task_id)
+    except StreamBroken as exc:
+        return envelope(500, str(exc))
+    return JSONResponse(_result(view, body, services.settings).model_dump(), headers={"X-Task-Id": task_id})
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+def tokenize(body: TokenizeRequest, services: ServicesDep) -> TokenizeResponse:
+    ids = services.tokenizer.encode(body.content, add_special_tokens=body.add_special).ids
+    if body.with_pieces:
+        return TokenizeResponse(tokens=[Piece(id=i, piece=services.tokenizer.decode([i], skip_special_tokens=False))
+                                        for i in ids])
+    return TokenizeResponse(tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+def detokenize(body: DetokenizeRequest, services: ServicesDep) -> Response:
+    vocabulary = services.tokenizer.get_vocab_size(with_added_tokens=True)
+    if unknown := [i for i in body.tokens if not 0 <= i < vocabulary]:
+        return envelope(400, f"tokens: {unknown[0]} is not a token id (the vocabulary has {vocabulary})")
+    content = services.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    return JSONResponse(DetokenizeResponse(content=content).model_dump())
+
+
+@router.get("/props")
+def props(services: ServicesDep) -> dict[str, Any]:
+    """What llama.cpp's /props reports that this server has: its defaults, slots and context."""
+    settings = services.settings
+    return {
+        "default_generation_settings": {"n_ctx": services.context_window, "params": _defaults(settings)},
+        "total_slots": settings.worker_concurrency,
+        "n_ctx": services.context_window,
+        "chat_template": services.chat_template,
+        "model": model_name(settings),
+        "model_path": model_name(settings),
+    }
+
+
+def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
+    """A raw prompt; -1 for n_predict is the server's limit, and for seed a random one."""
+    fields = {
+        "prompt": body.prompt,
+        "raw": True,
+        "max_new_tokens": settings.max_new_tokens_limit if body.n_predict == -1 else body.n_predict,
+        "temperature": body.temperature,
+        "top_k": body.top_k,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "seed": None if body.seed == -1 else body.seed,
+        "repetition_penalty": body.repeat_penalty,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _defaults(settings: Settings) -> dict[str, object]:
+    return {
+        "n_predict": settings.default_max_new_tokens,
+        "temperature": settings.default_temperature,
+        "top_k": settings.default_top_k,
+        "top_p": settings.default_top_p,
+        "repeat_penalty": settings.default_repetition_penalty,
+        "seed": -1,
+        "stop": [],
+    }
+
+
+def _result(view: TaskView, body: CompletionRequest, settings: Settings, content: str | None = None) -> CompletionResult:
+    stop_type = STOP_TYPES.get(view.finish_reason or "", "none")
+    requested = {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
+                 "top_p": body.top_p, "repeat_penalty": body.repeat_penalty, "seed": body.seed, "stop": body.stop}
+    return CompletionResult(
+        content=view.text if content is None else content,
+        stop_type=stop_type,  # type: ignore[arg-type]
+        stopped_eos=stop_type == "eos",
+        stopped_limit=stop_type == "limit",
+        stopped_word=stop_type == "word",
+        stopping_word=view.stop_string or "",
+        tokens_predicted=view.usage.completion_tokens if view.usage else 0,
+        tokens_evaluated=view.usage.prompt_tokens if view.usage else 0,
+        generation_settings=_defaults(settings) | {k: v for k, v in requested.items() if v is not None},
+        model=view.model or model_name(settings),
+        prompt=body.prompt,
+        id_slot=0,
+        slot_id=0,
+        timings=_timings(view),
+    )
+
+
+def _timings(view: TaskView) -> Timings:
+    """llama.cpp's split: the prompt until the first token, the prediction after it."""
+    prompt_n = view.usage.prompt_tokens if view.usage else 0
+    predicted_n = view.usage.completion_tokens if view.usage else 0
+    first_s = (view.timings.time_to_first_token_s or 0.0) if view.timings else 0.0
+    predicted_s = max(0.0, (view.timings.generation_s if view.timings else 0.0) - first_s)
+    return Timings(
+        prompt_n=prompt_n,
+        prompt_ms=first_s * 1000,
+        prompt_per_token_ms=first_s * 1000 / prompt_n if prompt_n else 0.0,
+        prompt_per_second=prompt_n / first_s if first_s else 0.0,
+        predicted_n=predicted_n,
+        predicted_ms=predicted_s * 1000,
+        predicted_per_token_ms=predicted_s * 1000 / predicted_n if predicted_n else 0.0,
+        predicted_per_second=predicted_n / predicted_s if predicted_s else 0.0,
+    )
+
+
+async def _pieces(services: Services, task_id: str, body: CompletionRequest) -> AsyncIterator[str]:
+    """`{"content", "stop": false}` per chunk, then the whole result with `stop: true` and no
+    text of its own (it was streamed), and no `[DONE]`: llama.cpp's stream."""
+    try:
+        async for item in texts_then_result(services, task_id):
+            if isinstance(item, str):
+                yield StreamPiece(content=item).model_dump_json()
+            else:
+                yield _result(item, body, services.settings, content="").model_dump_json()
+    except StreamBroken as exc:
+        yield json.dumps({"error": {"code": 500, "message": str(exc), "type": "server_error"}})

@@ -1,0 +1,81 @@
+"""llama.cpp's native API, called the way its README's examples call it (curl-style httpx, requests)."""
+
+import json
+
+import httpx
+import requests
+
+from tests.helpers import poll_until_finished, submit
+
+PROMPT = "Building a website can be done in 10 simple steps:"
+
+
+def test_completion_with_n_predict_answers_as_llama_cpp_does(api_url: str, client: httpx.Client) -> None:
+    """curl --request POST --url http://localhost:8080/completion --data '{"prompt": ..., "n_predict": 128}'"""
+    response = httpx.post(f"{api_url}/completion", json={"prompt": PROMPT, "n_predict": 16, "temperature": 0},
+                          timeout=180)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["content"] and result["stop"] is True
+    assert result["stop_type"] == "limit" and result["stopped_limit"] and not result["stopped_eos"]
+    assert result["tokens_predicted"] == 16 and result["tokens_evaluated"] > 0 and result["prompt"] == PROMPT
+    timings = result["timings"]
+    assert timings["predicted_n"] == 16 and timings["prompt_n"] == result["tokens_evaluated"]
+    assert timings["predicted_per_second"] > 0 and timings["prompt_ms"] > 0
+    assert result["generation_settings"]["n_predict"] == 16
+    assert {"id_slot", "slot_id", "tokens_cached", "truncated", "model"} <= result.keys()
+    task = client.get(f"/task/{response.headers['x-task-id']}").json()
+    assert task["text"] == result["content"]
+    raw, _ = poll_until_finished(client, submit(client, prompt=PROMPT, raw=True, temperature=0, max_new_tokens=16))
+    assert raw.text == result["content"], "the same raw prompt, the same greedy text"
+
+
+def test_a_stop_word_and_top_k_with_requests(api_url: str) -> None:
+    unstopped = requests.post(f"{api_url}/completion", json={"prompt": PROMPT, "n_predict": 24, "temperature": 0},
+                              timeout=180).json()
+    word = unstopped["content"].split()[2]
+    result = requests.post(
+        f"{api_url}/completion",
+        json={"prompt": PROMPT, "n_predict": 24, "temperature": 0, "stop": [word], "top_k": 40, "cache_prompt": True,
+              "id_slot": -1, "seed": -1, "min_p": 0.05},
+        timeout=180,
+    ).json()
+    assert result["stop_type"] == "word" and result["stopped_word"] and result["stopping_word"] == word
+    assert result["content"] == unstopped["content"][: unstopped["content"].index(word)]
+
+
+def test_the_stream_is_llama_cpps_without_done(api_url: str) -> None:
+    events = []
+    with httpx.stream("POST", f"{api_url}/completion", json={"prompt": PROMPT, "n_predict": 12, "stream": True},
+                      timeout=180) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            assert not line.startswith(("id:", "event:")), line
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    *pieces, last = events
+    assert pieces and all(p["stop"] is False and set(p) == {"content", "stop"} for p in pieces)
+    assert last["stop"] is True and last["tokens_predicted"] == 12 and last["timings"]["predicted_n"] == 12
+    assert "[DONE]" not in json.dumps(events)
+
+
+def test_tokenize_and_detokenize_round_trip(api_url: str) -> None:
+    text = "Hello, world! Ça va? 東京"
+    tokens = httpx.post(f"{api_url}/tokenize", json={"content": text}, timeout=30).json()["tokens"]
+    assert tokens and all(isinstance(t, int) for t in tokens)
+    back = httpx.post(f"{api_url}/detokenize", json={"tokens": tokens}, timeout=30).json()
+    assert back == {"content": text}
+    pieces = httpx.post(f"{api_url}/tokenize", json={"content": "Hello world", "with_pieces": True}, timeout=30).json()
+    assert "".join(p["piece"] for p in pieces["tokens"]) == "Hello world"
+
+
+def test_props_and_errors_in_llama_cpps_envelope(api_url: str) -> None:
+    props = httpx.get(f"{api_url}/props", timeout=30).json()
+    assert props["total_slots"] == 1 and props["n_ctx"] > 0 and "im_start" in props["chat_template"]
+    assert props["default_generation_settings"]["params"]["temperature"] > 0
+    bad = httpx.post(f"{api_url}/completion", json={"prompt": PROMPT, "n_predict": 0}, timeout=30)
+    assert bad.status_code == 400
+    error = bad.json()["error"]
+    assert error["code"] == 400 and error["type"] == "invalid_request_error" and "n_predict" in error["message"]
+    unknown = httpx.post(f"{api_url}/detokenize", json={"tokens": [10**9]}, timeout=30)
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == 400
