@@ -95,7 +95,8 @@ class TokenSink:
     """Takes each new token on the decoding side: decodes, publishes in batches, decides whether to stop.
 
     Publishing every few tokens or milliseconds (not every token, and not from another thread)
-    keeps streaming from slowing decoding down.
+    keeps streaming from slowing decoding down; the first token is published at once, since the
+    time to the first text is what a reader waits on most.
     """
 
     stream: TextStream
@@ -117,7 +118,7 @@ class TokenSink:
         self.tokens += 1
         self.stream.add(token_id)
         self._unflushed += 1
-        if self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
+        if self.tokens == 1 or self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
             self._publish(self.stream.take_publishable())
         return self.stream.stopped or self.poll_interruption()
 
