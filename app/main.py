@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import errors
+from app import errors, streams
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
 from app.llamacpp import routes as llamacpp
@@ -37,7 +37,7 @@ def build_services() -> Services:
     return Services(
         settings=settings,
         redis=client,
-        aredis=connect_async(settings.redis_url),
+        aredis=connect_async(settings.redis_url, longest_block_s=streams.BLOCK_MS / 1000),
         store=TaskStore(client, settings.result_ttl_s),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),

@@ -3,9 +3,10 @@
 Run: `python -m bench.sse [--streams 500 --rounds 20 --runs 5]`. Starts its own stacks.
 
 - Fan-out: a redis-server and one API process, no worker: this script plays the worker, appending
-  a chunk to each of `--streams` running tasks per round (through the task store, as a worker
-  does) while as many clients hold `GET /task/{id}/events` open in one asyncio loop. Each chunk
-  carries its append time; the latency is from the append's return to the client's parse.
+  a chunk to each of `--streams` running tasks every second, spread evenly (through the task
+  store, as a worker does), while as many clients hold `GET /task/{id}/events` open in one uvloop
+  loop. Each chunk carries the time just before its append; the latency is from then to the
+  client's parse of the event. The clients, the API and Redis share the machine's cores.
 - First token: one worker (fp32) as well; each run submits a 16-token task and follows it by
   SSE, then another polled every 10 ms, alternately. "Above the engine" is the time from submit
   to the first chunk seen, minus the worker's own time to first token for that task.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import redis
+import uvloop
 from httpx_sse import aconnect_sse, connect_sse
 
 from core.protocol import TaskView
@@ -36,6 +38,8 @@ from core.store import TaskStore
 from devstack.processes import Stack, wait_until
 
 PROMPT = "Write a very long story about a lighthouse keeper and a storm."
+OPENING_AT_ONCE = 20
+ROUND_S = 1.0  # each stream gets a chunk a second: 500 streams make 500 chunks a second in all
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,9 +75,16 @@ def _answers(url: str) -> bool:
 # ---- fan-out ----------------------------------------------------------------------------------
 
 
-async def hold(client: httpx.AsyncClient, task_id: str, expected: int, ready: asyncio.Event,
-               latencies: list[float]) -> None:
-    async with aconnect_sse(client, "GET", f"/task/{task_id}/events") as source:
+async def hold(client: httpx.AsyncClient, task_id: str, expected: int, opening: asyncio.Semaphore,
+               ready: asyncio.Event, latencies: list[float]) -> None:
+    """One client: opens its stream (a few at a time, as clients arrive, not 500 in one instant
+    against Redis's accept backlog), then times each chunk until it has `expected`."""
+    async with opening:
+        source_cm = aconnect_sse(client, "GET", f"/task/{task_id}/events")
+        source = await source_cm.__aenter__()
+    try:
+        if source.response.status_code != 200:
+            raise RuntimeError(f"HTTP {source.response.status_code}: {(await source.response.aread())[:300]!r}")
         ready.set()
         async for event in source.aiter_sse():
             if event.event != "chunk":
@@ -82,13 +93,20 @@ async def hold(client: httpx.AsyncClient, task_id: str, expected: int, ready: as
             expected -= 1
             if expected == 0:
                 return
+    finally:
+        await source_cm.__aexit__(None, None, None)
 
 
-def write_rounds(store: TaskStore, task_ids: list[str], rounds: int, pause_s: float) -> None:
+def write_rounds(store: TaskStore, task_ids: list[str], rounds: int, round_s: float) -> None:
+    """Each round gives every task one chunk, spread evenly over `round_s`, as many workers'
+    chunks arrive: each task streams a chunk every `round_s`."""
+    gap_s = round_s / len(task_ids)
+    next_at = time.perf_counter()
     for _ in range(rounds):
         for task_id in task_ids:
             store.append_chunk(task_id, 1, f"{time.time():.6f}")
-        time.sleep(pause_s)
+            next_at += gap_s
+            time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
 async def fan_out(url: str, redis_url: str, streams: int, rounds: int) -> list[float]:
@@ -101,10 +119,12 @@ async def fan_out(url: str, redis_url: str, streams: int, rounds: int) -> list[f
     limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         readies = [asyncio.Event() for _ in task_ids]
-        holders = [asyncio.create_task(hold(client, t, rounds, r, latencies)) for t, r in zip(task_ids, readies)]
+        opening = asyncio.Semaphore(OPENING_AT_ONCE)
+        holders = [asyncio.create_task(hold(client, t, rounds, opening, r, latencies))
+                   for t, r in zip(task_ids, readies)]
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
         await asyncio.sleep(1)  # every stream is in its blocking read
-        writer = threading.Thread(target=write_rounds, args=(store, task_ids, rounds, 0.2))
+        writer = threading.Thread(target=write_rounds, args=(store, task_ids, rounds, ROUND_S))
         writer.start()
         await asyncio.wait_for(asyncio.gather(*holders), 300)
         writer.join()
@@ -177,7 +197,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rows: list[tuple[str, float]] = []
     with stack(with_worker=False) as api_only:
-        latencies = asyncio.run(fan_out(api_only.url, api_only.redis_url, args.streams, args.rounds))
+        latencies = uvloop.run(fan_out(api_only.url, api_only.redis_url, args.streams, args.rounds))
     assert len(latencies) == args.streams * args.rounds, len(latencies)
     rows += [
         (f"fan-out: chunks delivered ({args.streams} streams x {args.rounds})", len(latencies)),

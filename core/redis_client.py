@@ -69,12 +69,13 @@ def connect(url: str, retry_s: float = 0) -> redis.Redis:
     )
 
 
-def connect_async(url: str) -> redis.asyncio.Redis:
+def connect_async(url: str, longest_block_s: float) -> redis.asyncio.Redis:
     """The API's asyncio client, for blocking stream reads: one blocked XREAD per open stream, no
-    thread each. No socket timeout here, since XREAD BLOCK waits on purpose (bounded by its own
-    BLOCK argument); keepalive and health checks still find a dead peer."""
+    thread each. Its socket timeout waits out the longest BLOCK it sends (redis-py's default of
+    5 s would cut every stream idle longer than that), and no more."""
     return redis.asyncio.Redis.from_url(
         url,
+        socket_timeout=longest_block_s + SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,

@@ -4,16 +4,19 @@ import http.client
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
+import pytest
 from httpx_sse import connect_sse
 
 from core.protocol import TaskStatus, TaskView
 from devstack.processes import ROOT
+from tests.extra_api import extra_api
 from tests.helpers import submit
 
 STORY = "Write a short story about a lighthouse keeper."
@@ -114,3 +117,17 @@ def test_the_client_follows_the_event_stream_and_polls_on_request(api_url: str) 
     assert pushed.returncode == 0 and polled.returncode == 0, pushed.stderr + polled.stderr
     assert pushed.stdout.strip() and pushed.stdout == polled.stdout
     assert "tok/s" in pushed.stderr
+
+
+def test_a_stream_waits_as_long_as_its_task_does(
+    redis_server: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A stream idle for longer than redis-py's default 5 s socket timeout (a task waiting in a
+    queue) used to break with a 'Redis unreachable'; it waits, and ends with the task."""
+    overrides = {"REDIS_URL": redis_server.rsplit("/", 1)[0] + "/4"}  # no worker consumes here
+    with extra_api(stack_env, tmp_path_factory.mktemp("idle_stream"), overrides) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            task_id = submit(client, prompt="Hi", max_new_tokens=1)
+            threading.Timer(8, lambda: httpx.delete(f"{url}/task/{task_id}", timeout=10)).start()
+            events = read_events(client, task_id)
+    assert [e.event for e in events] == ["result"] and events[0].data["status"] == "cancelled"
