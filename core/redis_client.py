@@ -15,6 +15,9 @@ from redis.retry import Retry
 SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 HEALTH_CHECK_INTERVAL_S = 15
+# Each open stream holds one connection of the API's asyncio pool for its blocking read;
+# redis-py's default pool of 100 refused the 101st stream. Redis itself accepts 10,000 clients.
+MAX_STREAM_CONNECTIONS = 5000
 RETRY_INTERVAL_S = 0.5
 
 # What a Redis restart or failover looks like to a client, and passes: a lost or silent
@@ -72,11 +75,13 @@ def connect(url: str, retry_s: float = 0) -> redis.Redis:
 def connect_async(url: str, longest_block_s: float) -> redis.asyncio.Redis:
     """The API's asyncio client, for blocking stream reads: one blocked XREAD per open stream, no
     thread each. Its socket timeout waits out the longest BLOCK it sends (redis-py's default of
-    5 s would cut every stream idle longer than that), and no more."""
+    5 s would cut every stream idle longer than that), and no more; its pool has room for
+    `MAX_STREAM_CONNECTIONS` open streams."""
     return redis.asyncio.Redis.from_url(
         url,
         socket_timeout=longest_block_s + SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
+        max_connections=MAX_STREAM_CONNECTIONS,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )

@@ -1,5 +1,6 @@
 """Our own API, pushed and forgiving: SSE with resumable cursors, trailing slashes, the tutorial's poller."""
 
+import asyncio
 import http.client
 import json
 import subprocess
@@ -12,7 +13,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from httpx_sse import connect_sse
+from httpx_sse import aconnect_sse, connect_sse
 
 from core.protocol import TaskStatus, TaskView
 from devstack.processes import ROOT
@@ -131,3 +132,40 @@ def test_a_stream_waits_as_long_as_its_task_does(
             threading.Timer(8, lambda: httpx.delete(f"{url}/task/{task_id}", timeout=10)).start()
             events = read_events(client, task_id)
     assert [e.event for e in events] == ["result"] and events[0].data["status"] == "cancelled"
+
+
+def test_many_streams_at_once_are_all_served(
+    redis_server: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each open stream holds a connection to Redis: redis-py's default pool of 100 answered the
+    101st with a 503. 150 streams wait on queued tasks, then each ends with its task's cancel."""
+    overrides = {"REDIS_URL": redis_server.rsplit("/", 1)[0] + "/5", "MAX_QUEUED_TASKS": "1000"}
+    with extra_api(stack_env, tmp_path_factory.mktemp("many_streams"), overrides) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            task_ids = [submit(client, prompt="Hi", max_new_tokens=1) for _ in range(STREAMS)]
+        statuses = asyncio.run(follow_all(url, task_ids))
+    assert statuses == ["cancelled"] * STREAMS
+
+
+STREAMS = 150
+
+
+async def follow_all(url: str, task_ids: list[str]) -> list[str]:
+    limits = httpx.Limits(max_connections=STREAMS + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        opened = asyncio.Semaphore(0)
+
+        async def one(task_id: str) -> str:
+            async with aconnect_sse(client, "GET", f"/task/{task_id}/events") as source:
+                assert source.response.status_code == 200, await source.response.aread()
+                opened.release()
+                async for event in source.aiter_sse():
+                    return event.json()["status"]
+            return "no result"
+
+        followers = [asyncio.create_task(one(task_id)) for task_id in task_ids]
+        for _ in task_ids:
+            await asyncio.wait_for(opened.acquire(), 60)
+        for task_id in task_ids:
+            assert (await client.delete(f"/task/{task_id}")).status_code == 202
+        return await asyncio.gather(*followers)
