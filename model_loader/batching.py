@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable
 from typing import NoReturn
 
-import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import ContinuousBatchingManager
@@ -44,7 +43,6 @@ from model_loader.engine import (
     decoder,
     eos_ids,
     never,
-    peak_bytes,
 )
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream

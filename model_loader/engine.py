@@ -118,7 +118,8 @@ class TokenSink:
         self.tokens += 1
         self.stream.add(token_id)
         self._unflushed += 1
-        if self.tokens == 1 or self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s:
+        due = self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s
+        if self.tokens == 1 or due:
             self._publish(self.stream.take_publishable())
         return self.stream.stopped or self.poll_interruption()
 

@@ -7,4 +7,6 @@ process imports this package to budget prompts before they are queued.
 from prompts.budget import Prompt, PromptTooLong, build_prompt
 from prompts.formatter import ChatFormatter, chat_template, context_window, load_formatter
 
-__all__ = ["ChatFormatter", "chat_template", "Prompt", "PromptTooLong", "build_prompt", "context_window", "load_formatter"]
+__all__ = [
+    "ChatFormatter", "Prompt", "PromptTooLong", "build_prompt", "chat_template", "context_window", "load_formatter"
+]

@@ -108,7 +108,9 @@ def _defaults(settings: Settings) -> dict[str, object]:
     }
 
 
-def _result(view: TaskView, body: CompletionRequest, settings: Settings, content: str | None = None) -> CompletionResult:
+def _result(
+    view: TaskView, body: CompletionRequest, settings: Settings, content: str | None = None
+) -> CompletionResult:
     stop_type = STOP_TYPES.get(view.finish_reason or "", "none")
     requested = {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
                  "top_p": body.top_p, "repeat_penalty": body.repeat_penalty, "seed": body.seed, "stop": body.stop}

@@ -13,9 +13,8 @@ from app.security import authenticate
 def create_openai_app() -> FastAPI:
     app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False)
     errors.install(app)
-    app.include_router(
-        router, dependencies=[Depends(authenticate)], responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}}
-    )
+    errors_documented: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401)}
+    app.include_router(router, dependencies=[Depends(authenticate)], responses=errors_documented)
     return app
 
 

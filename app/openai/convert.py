@@ -19,7 +19,9 @@ def check_supported(body: Sampling, served: list[str]) -> None:
     if body.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if (option := body.first_used()) is not None:
-        raise OpenAIError(400, f"'{option}' is not supported by this server", param=option, code="unsupported_parameter")
+        raise OpenAIError(
+            400, f"'{option}' is not supported by this server", param=option, code="unsupported_parameter"
+        )
 
 
 def chat_request(body: ChatCompletionRequest) -> dict[str, object]:

@@ -51,9 +51,8 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-    detail = ErrorDetail(
-        message=str(exc.detail), type=TYPES.get(exc.status_code, "invalid_request_error"), code=CODES.get(exc.status_code)
-    )
+    kind = TYPES.get(exc.status_code, "invalid_request_error")
+    detail = ErrorDetail(message=str(exc.detail), type=kind, code=CODES.get(exc.status_code))
     return envelope(exc.status_code, detail, headers=exc.headers)
 
 

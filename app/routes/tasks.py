@@ -49,7 +49,8 @@ async def task_events(
     services: ServicesDep,
     after: Annotated[str, Query(pattern=CURSOR_PATTERN, description="Start after this cursor.")] = START_CURSOR,
     last_event_id: Annotated[
-        str | None, Header(pattern=CURSOR_PATTERN, description="Sent by EventSource when it reconnects; wins over `after`.")
+        str | None,
+        Header(pattern=CURSOR_PATTERN, description="Sent by EventSource when it reconnects; wins over `after`."),
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Each chunk as a `chunk` event whose `id` is its cursor, so an EventSource that reconnects
