@@ -19,6 +19,8 @@ from core.store import START_CURSOR, chunks_key, record_key
 BLOCK_MS = 15_000
 BATCH = 256
 DISCONNECT_CHECK_S = 0.25
+# The status of an answer to a client that left before it (nginx's code): nobody reads it.
+CLIENT_GONE = 499
 
 
 @dataclass(frozen=True)

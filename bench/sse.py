@@ -35,6 +35,7 @@ from httpx_sse import aconnect_sse, connect_sse
 
 from core.protocol import TaskView
 from core.store import TaskStore
+from bench.table import print_table
 from devstack.processes import Stack, wait_until
 
 PROMPT = "Write a very long story about a lighthouse keeper and a storm."
@@ -206,12 +207,8 @@ def main() -> None:
     ]
     with stack(with_worker=True) as full:
         rows += first_token_rows(full.url, args.runs)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; embedded model fp32, greedy; "
-          f"first-token rows are medians of {args.runs} runs")
-    width = max(len(label) for label, _ in rows)
-    print(f"| {'measure':{width}} | {'value':>8} |\n|{'-' * (width + 2)}|{'-' * 10}|")
-    for label, value in rows:
-        print(f"| {label:{width}} | {value:8.2f} |")
+    print_table(f"machine: {platform.machine()}, {os.cpu_count()} cores; embedded model fp32, greedy; "
+                f"first-token rows are medians of {args.runs} runs", rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 from core.protocol import TaskStatus, TaskView
 from core.settings import Settings
 from core.store import TaskStore
+from bench.table import print_table
 from devstack.processes import Stack
 from model_loader.engine import FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model
@@ -244,12 +245,8 @@ def main() -> None:
     if "concurrency" in parts:
         with stack(args.quantization, concurrency=8) as batching:
             rows += progress(concurrency_rows(batching.url, "worker concurrency 8", args.runs))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, model "
-          f"{settings.model_id} ({args.quantization}), greedy; medians of {args.runs} runs")
-    width = max(len(label) for label, _ in rows)
-    print(f"| {'measure':{width}} | {'value':>8} |\n|{'-' * (width + 2)}|{'-' * 10}|")
-    for label, value in rows:
-        print(f"| {label:{width}} | {value:8.2f} |")
+    print_table(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, model "
+                f"{settings.model_id} ({args.quantization}), greedy; medians of {args.runs} runs", rows)
 
 
 if __name__ == "__main__":

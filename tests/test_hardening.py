@@ -153,7 +153,9 @@ def test_many_health_checks_at_once_do_not_stall_the_other_routes(client: httpx.
         waited = time.monotonic() - started
         answers = [check.result().status_code for check in checks]
     assert answers == [200] * 120
-    assert waited < 1.0, f"GET /task waited {waited:.2f} s behind the health checks"
+    # Behind 120 one-second pings the old /health made it wait tens of seconds (past the 30 s
+    # timeout here); the bound is loose so that a busy two-core machine cannot trip it.
+    assert waited < 5.0, f"GET /task waited {waited:.2f} s behind the health checks"
 
 
 def test_health_names_workers_only_to_callers_with_a_key(

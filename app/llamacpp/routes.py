@@ -24,14 +24,13 @@ from app.llamacpp.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import StreamBroken, final_view, texts_then_result, until_ended
+from app.streams import CLIENT_GONE, StreamBroken, final_view, texts_then_result, until_ended
 from core.protocol import TaskView
 from core.settings import Settings
 from model_loader.source import model_name
 
 router = APIRouter(route_class=LlamaCppRoute, tags=["llama.cpp"])
 STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word"}
-CLIENT_GONE = 499
 
 
 @router.post("/completion", response_model=CompletionResult)

@@ -34,7 +34,7 @@ from app.openai.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import StreamBroken, final_view, texts_then_result, until_ended
+from app.streams import CLIENT_GONE, StreamBroken, final_view, texts_then_result, until_ended
 from core.protocol import TaskView
 from model_loader.source import model_name
 
@@ -42,7 +42,6 @@ router = APIRouter()
 STARTED = int(time.time())
 OWNER = "queued-llama"
 DONE = "[DONE]"
-CLIENT_GONE = 499  # nginx's code for a client that closed the connection first: nobody reads it
 
 
 def served_models(services: Services) -> list[str]:
