@@ -15,19 +15,24 @@ from app.deps import Services
 from app.errors import field_error
 from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
 from core.protocol import GenerateRequest
+from core.settings import Settings
 from prompts import ChatFormatter, PromptTooLong, build_prompt
 from worker.celery_app import send_generate
 
 
-def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
-    """The new task's id once it is queued; raises the 4xx (or 503) that explains a refusal."""
+def admit(body: GenerateRequest, services: Services, caller: str | None, annotation: str | None = None) -> str:
+    """The new task's id once it is queued; raises the 4xx (or 503) that explains a refusal.
+
+    `annotation` is kept with the task for the API family that admitted it (see TaskStore.create).
+    """
     settings = services.settings
+    check_batching_options(body, settings.worker_concurrency)
+    body = with_defaults(body, settings)
     max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:
         raise field_error(
             "max_new_tokens", f"must be at most {settings.max_new_tokens_limit} on this server", "less_than_equal"
         )
-    check_batching_options(body, settings.worker_concurrency)
     check_message_count(body, settings.max_messages)
     check_prompt_chars(body, settings.max_prompt_chars)
     check_reserved_text(body, services.formatter)
@@ -36,7 +41,20 @@ def admit(body: GenerateRequest, services: Services, caller: str | None) -> str:
     except PromptTooLong as exc:
         raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
     check_queue_room(services)
-    return _enqueue(body, services, caller)
+    return _enqueue(body, services, caller, annotation)
+
+
+def with_defaults(body: GenerateRequest, settings: Settings) -> GenerateRequest:
+    """The request as the worker will run it: each sampling choice left out takes this API's
+    default, so the task's payload says what runs, whatever the worker's own settings say."""
+    defaults = {
+        "max_new_tokens": settings.default_max_new_tokens,
+        "temperature": settings.default_temperature,
+        "top_p": settings.default_top_p,
+        "top_k": settings.default_top_k,
+        "repetition_penalty": settings.default_repetition_penalty,
+    }
+    return body.model_copy(update={name: value for name, value in defaults.items() if getattr(body, name) is None})
 
 
 def internal_request(fields: dict[str, object]) -> GenerateRequest:
@@ -64,10 +82,10 @@ def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None
             raise field_error(loc, f"{found!r} is part of this model's chat format and may not appear in a message")
 
 
-def _enqueue(body: GenerateRequest, services: Services, caller: str | None) -> str:
+def _enqueue(body: GenerateRequest, services: Services, caller: str | None, annotation: str | None) -> str:
     """Record, send, and only then let the record outlive a long queue; a failed send leaves nothing behind."""
     task_id = str(uuid.uuid4())
-    services.store.create(task_id, owner=caller)
+    services.store.create(task_id, owner=caller, annotation=annotation)
     try:
         send_generate(services.celery, body.model_dump(mode="json"), task_id)
     except Exception:

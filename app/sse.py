@@ -3,20 +3,22 @@
 FastAPI's own SSE (a path operation that yields, with `EventSourceResponse`) always streams;
 OpenAI's routes answer JSON or a stream from one path. This gives the latter the same wire
 format (`fastapi.sse.format_sse_event`) and the same keep-alive `: ping` comment while idle.
-Only `data:` lines are written: the official openai SDK fails on a ping after an `id:` line.
+No `id:` lines are ever written: the official openai SDK fails on a ping after one. Chat and
+Completions streams are `data:` lines only; Responses streams name each event (`event:`).
 """
 
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+from fastapi.sse import KEEPALIVE_COMMENT, ServerSentEvent, format_sse_event
 from starlette.responses import StreamingResponse
 
 PING_S = 15.0
 
 
-def sse_response(data: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-    """Each string `data` yields becomes one `data:` event, with pings while it yields nothing."""
+def sse_response(data: AsyncIterator[str | ServerSentEvent], headers: dict[str, str] | None = None) -> StreamingResponse:
+    """Each string `data` yields becomes one `data:` event, and each ServerSentEvent its `event:`
+    and `data:` lines (its `raw_data`, already JSON), with pings while it yields nothing."""
     return StreamingResponse(
         _with_pings(data),
         media_type="text/event-stream",
@@ -24,13 +26,13 @@ def sse_response(data: AsyncIterator[str], headers: dict[str, str] | None = None
     )
 
 
-async def _with_pings(data: AsyncIterator[str]) -> AsyncIterator[bytes]:
+async def _with_pings(data: AsyncIterator[str | ServerSentEvent]) -> AsyncIterator[bytes]:
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=1)
 
     async def produce() -> None:
         async with send:
             async for item in data:
-                await send.send(format_sse_event(data_str=item))
+                await send.send(_encode(item))
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(produce)
@@ -44,3 +46,9 @@ async def _with_pings(data: AsyncIterator[str]) -> AsyncIterator[bytes]:
                 except anyio.EndOfStream:
                     return
                 yield chunk
+
+
+def _encode(item: str | ServerSentEvent) -> bytes:
+    if isinstance(item, str):
+        return format_sse_event(data_str=item)
+    return format_sse_event(data_str=item.raw_data, event=item.event)

@@ -5,20 +5,29 @@ costs one blocked read and no thread, and a chunk reaches the reader as soon as 
 The store closes each task's stream with an `end` entry in the same script that ends the task,
 so the reader needs no polling of the record to learn that it is over; it looks at the record
 only when a long wait brings nothing (a record that expired, or ended before streams had ends).
+A Redis restart pauses a reader rather than ending it: it reads on from its cursor once Redis
+is back, for up to OUTAGE_S.
 """
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
 import anyio
 import redis.asyncio
 
 from app.deps import Services
 from core.protocol import TaskStatus, TaskView
+from core.redis_client import RETRY_INTERVAL_S, TRANSIENT_ERRORS
 from core.store import START_CURSOR, chunks_key, record_key
+
+T = TypeVar("T")
 
 BLOCK_MS = 15_000
 BATCH = 256
 DISCONNECT_CHECK_S = 0.25
+OUTAGE_S = 30.0
 # The status of an answer to a client that left before it (nginx's code): nobody reads it.
 CLIENT_GONE = 499
 
@@ -42,7 +51,7 @@ async def follow(client: redis.asyncio.Redis, task_id: str, after: str = START_C
     cursor = after
     block: int | None = None  # the first read takes what is there and returns: a reader that
     while True:  # comes back after the end (EventSource reconnects by itself) hears of it at once
-        reply = await client.xread({chunks_key(task_id): cursor}, count=BATCH, block=block)
+        reply = await _riding_out(lambda: client.xread({chunks_key(task_id): cursor}, count=BATCH, block=block))
         entries = reply[0][1] if reply else []
         for entry_id, fields in entries:
             cursor = entry_id.decode()
@@ -50,10 +59,22 @@ async def follow(client: redis.asyncio.Redis, task_id: str, after: str = START_C
                 yield StreamEntry(cursor=cursor, text=None)
                 return
             yield StreamEntry(cursor=cursor, text=fields[b"text"].decode(), attempt=int(fields.get(b"attempt", 0)))
-        if not entries and await _over(client, task_id):
+        if not entries and await _riding_out(lambda: _over(client, task_id)):
             yield StreamEntry(cursor=cursor, text=None)
             return
         block = BLOCK_MS
+
+
+async def _riding_out(read: Callable[[], Awaitable[T]]) -> T:
+    """`read()`, again every RETRY_INTERVAL_S while Redis is restarting, for up to OUTAGE_S."""
+    deadline = time.monotonic() + OUTAGE_S
+    while True:
+        try:
+            return await read()
+        except TRANSIENT_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+        await anyio.sleep(RETRY_INTERVAL_S)
 
 
 async def _over(client: redis.asyncio.Redis, task_id: str) -> bool:

@@ -43,6 +43,7 @@ if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then re
 if ARGV[4] ~= '' and tostring(attempt) ~= ARGV[4] then return {'superseded', attempt} end
 if ARGV[3] == '1' then
   attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+  redis.call('HINCRBY', KEYS[1], 'earlier_chunks', redis.call('XLEN', KEYS[2]))
   redis.call('DEL', KEYS[2])
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
@@ -102,14 +103,18 @@ class TaskStore:
         self._hold_script = client.register_script(_HOLD_LUA)
         self._view_script = client.register_script(_VIEW_LUA)
 
-    def create(self, task_id: str, owner: str | None = None) -> None:
+    def create(self, task_id: str, owner: str | None = None, annotation: str | None = None) -> None:
         """Record the task before it is queued, so that the API can tell unknown ids from queued ones.
 
         `owner` is a one-way tag of the API key that submitted it (never the key itself).
+        `annotation` is what the API family that admitted the task needs to answer for it later
+        (an OpenAI response's model name and settings): kept with the record, read by no worker.
         """
         fields: dict[str, object] = {"status": TaskStatus.queued, "enqueued_at": time.time()}
         if owner is not None:
             fields["owner"] = owner
+        if annotation is not None:
+            fields["annotation"] = annotation
         key = record_key(task_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
@@ -129,6 +134,18 @@ class TaskStore:
         """The tag given to `create`; None for an unknown task or one created with none."""
         value = self.redis.hget(record_key(task_id), "owner")
         return value.decode() if value is not None else None
+
+    def annotation(self, task_id: str) -> str | None:
+        """The text given to `create`; None for an unknown task or one created with none."""
+        value = self.redis.hget(record_key(task_id), "annotation")
+        return value.decode() if value is not None else None
+
+    def stream_origin(self, task_id: str) -> tuple[int, int] | None:
+        """The current attempt, and how many chunks earlier attempts published before a restart
+        dropped them: a reader that numbers chunks across attempts starts this attempt's there, so
+        its numbers never go back. None for an unknown task."""
+        status, attempt, earlier = self.redis.hmget(record_key(task_id), ["status", "attempt", "earlier_chunks"])
+        return (int(attempt or 0), int(earlier or 0)) if status is not None else None
 
     def delete(self, task_id: str) -> None:
         self.redis.delete(record_key(task_id), chunks_key(task_id))

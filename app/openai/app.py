@@ -6,6 +6,7 @@ from fastapi import Depends, FastAPI
 from app.deps import Services
 from app.openai import errors
 from app.openai.protocol import ErrorResponse
+from app.openai.responses.routes import router as responses_router
 from app.openai.routes import router
 from app.security import authenticate
 
@@ -14,7 +15,8 @@ def create_openai_app() -> FastAPI:
     app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False)
     errors.install(app)
     errors_documented: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401)}
-    app.include_router(router, dependencies=[Depends(authenticate)], responses=errors_documented)
+    for routes in (router, responses_router):
+        app.include_router(routes, dependencies=[Depends(authenticate)], responses=errors_documented)
     return app
 
 

@@ -9,13 +9,17 @@ from core.protocol import Role, TaskView
 ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
 
 
-def check_supported(body: Sampling, served: list[str]) -> None:
-    """The model must be one this server serves; options it cannot honour are refused by name."""
-    if body.model not in served:
+def check_model(model: str, served: list[str]) -> None:
+    if model not in served:
         raise OpenAIError(
-            404, f"the model '{body.model}' does not exist; this server serves {', '.join(served)}",
+            404, f"the model '{model}' does not exist; this server serves {', '.join(served)}",
             param="model", code="model_not_found",
         )
+
+
+def check_supported(body: Sampling, served: list[str]) -> None:
+    """The model must be one this server serves; options it cannot honour are refused by name."""
+    check_model(body.model, served)
     if body.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if (option := body.first_used()) is not None:

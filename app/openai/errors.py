@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException
 from app.errors import REDIS_DOWN
 from app.openai.protocol import ErrorDetail, ErrorResponse
 
-# The internal request's field names, as OpenAI's parameters call them.
-PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages", "repetition_penalty": "repetition_penalty"}
+# The internal request's field names, as OpenAI's parameters call them: in Chat and Completions,
+# and in Responses.
+PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages"}
+RESPONSES_PARAMS = {"max_new_tokens": "max_output_tokens", "system_prompt": "instructions", "messages": "input"}
 TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
@@ -39,12 +41,13 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
     return envelope(exc.status, exc.detail)
 
 
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """The first error, its location as the parameter ("messages.2.content"), without the input."""
     error = exc.errors()[0]
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    names = RESPONSES_PARAMS if "/responses" in request.url.path else PARAMS
     if loc:
-        loc[0] = PARAMS.get(loc[0], loc[0])
+        loc[0] = names.get(loc[0], loc[0])
     param = ".".join(loc) or None
     message = f"{param}: {error.get('msg')}" if param else str(error.get("msg"))
     return envelope(400, ErrorDetail(message=message, type="invalid_request_error", param=param))

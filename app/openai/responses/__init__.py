@@ -1,0 +1,1 @@
+"""The Responses API: create, retrieve, stream again from any event, cancel, delete."""

@@ -1,0 +1,142 @@
+"""A response's stream events, numbered from its task's stream alone.
+
+Every number follows from what Redis holds (the chunks, their count, the task's end), never
+from what one API process remembers: any process replays the same events with the same
+`sequence_number`s, and so resumes a stream `starting_after` any of them, after the API that
+started it was killed. The layout:
+
+    0 response.created, 1 response.queued,
+    2 response.in_progress, 3 response.output_item.added, 4 response.content_part.added
+      (at the first chunk, or at the end for an answer with no text),
+    FIRST_DELTA + base + i  response.output_text.delta for chunk i,
+    then output_text.done, content_part.done, output_item.done and the terminal event
+      (completed, incomplete or cancelled), or response.failed alone.
+
+A worker's death restarts the task's text (until takeover continues it): the new attempt's chunks
+are numbered from `base` = FIRST_DELTA + the chunks earlier attempts published + one spare
+number per restart, so numbers never go back. A client whose position lies among an earlier
+attempt's numbers gets an `error` event instead of the new text joined to the old; a reader that
+sees the attempt change mid-stream gets one numbered with that spare number, so that resuming
+from it is refused in turn. Any other `error` event (Redis away too long) repeats the number of
+the last event before it: resuming from it loses nothing.
+"""
+
+from collections.abc import Iterable
+
+from app.openai.responses.protocol import (
+    ContentPartEvent,
+    ErrorEvent,
+    Event,
+    OutputItemEvent,
+    OutputMessage,
+    OutputText,
+    Response,
+    ResponseEvent,
+    TextDeltaEvent,
+    TextDoneEvent,
+)
+
+FIRST_DELTA = 5
+TERMINAL = {"completed", "incomplete", "cancelled", "failed"}
+
+
+class ResponseEvents:
+    """The events after `after` for one reader, fed the task's chunks as they come.
+
+    `snapshot(status)` gives the response as it stands before the end (no output yet).
+    """
+
+    def __init__(self, item_id: str, snapshot: "Snapshot", after: int) -> None:
+        self.item_id = item_id
+        self.snapshot = snapshot
+        self.after = after
+        self.attempt = 0
+        self.base = FIRST_DELTA
+        self.chunks = 0  # of the current attempt, sent or skipped
+        self.opened = False
+        self.last = after  # the highest number sent
+
+    def rebase(self, attempt: int, earlier_chunks: int) -> ErrorEvent | None:
+        """Number the current attempt's chunks; an error if the client has already read an earlier one's."""
+        self.attempt = attempt
+        self.base = FIRST_DELTA + earlier_chunks + max(attempt - 1, 0)
+        if FIRST_DELTA <= self.after < self.base:
+            return self._restarted(self.base - 1)
+        return None
+
+    def restarted(self) -> ErrorEvent:
+        """For a reader that meets a new attempt after sending the old one's text: numbered with the
+        spare number before the new attempt's, so that resuming from it is refused too."""
+        return self._restarted(self._next())
+
+    def _restarted(self, number: int) -> ErrorEvent:
+        message = (
+            "a worker stopped and a new attempt restarted the answer after the events you have read; "
+            "retrieve the response for its text, or stream it again from the start"
+        )
+        return ErrorEvent(sequence_number=number, code="answer_restarted", message=message)
+
+    def start(self) -> list[Event]:
+        return self._visible(
+            [ResponseEvent(type=f"response.{kind}", sequence_number=n, response=self.snapshot("queued"))
+             for n, kind in enumerate(("created", "queued"))]
+        )
+
+    def chunk(self, text: str) -> list[Event]:
+        events = self._open()
+        events.append(TextDeltaEvent(sequence_number=self._next(), item_id=self.item_id, delta=text))
+        self.chunks += 1
+        return self._visible(events)
+
+    def end(self, response: Response) -> list[Event]:
+        """The closing events; a failed response, or one that ended with no output, has only its terminal one."""
+        assert response.status in TERMINAL
+        n = self._next()
+        if response.status == "failed" or not response.output:
+            return self._visible([ResponseEvent(type=f"response.{response.status}", sequence_number=n, response=response)])
+        events = self._open()
+        item = response.output[0]
+        part = item.content[0]
+        events += [
+            TextDoneEvent(sequence_number=n, item_id=self.item_id, text=part.text),
+            ContentPartEvent(type="response.content_part.done", sequence_number=n + 1, item_id=self.item_id, part=part),
+            OutputItemEvent(type="response.output_item.done", sequence_number=n + 2, item=item),
+            ResponseEvent(type=f"response.{response.status}", sequence_number=n + 3, response=response),
+        ]
+        return self._visible(events)
+
+    def broken(self, message: str) -> ErrorEvent:
+        """This connection ends here; the response may go on, and a stream resumed from the last
+        event before this one misses nothing."""
+        return ErrorEvent(sequence_number=max(self.last, 0), code="stream_interrupted", message=message)
+
+    def _open(self) -> list[Event]:
+        if self.opened:
+            return []
+        self.opened = True
+        item = OutputMessage(id=self.item_id, status="in_progress", content=[])
+        return [
+            ResponseEvent(type="response.in_progress", sequence_number=2, response=self.snapshot("in_progress")),
+            OutputItemEvent(type="response.output_item.added", sequence_number=3, item=item),
+            ContentPartEvent(
+                type="response.content_part.added", sequence_number=4, item_id=self.item_id, part=OutputText(text="")
+            ),
+        ]
+
+    def _next(self) -> int:
+        return self.base + self.chunks
+
+    def _visible(self, events: Iterable[Event]) -> list[Event]:
+        shown = [event for event in events if event.sequence_number > self.after]
+        self.last = max([self.last, *(event.sequence_number for event in shown)])
+        return shown
+
+
+class Snapshot:
+    """Builds the response as it stands while the task runs: settings and status, no output yet."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    def __call__(self, status: str) -> Response:
+        return self.response.model_copy(update={"status": status, "output": [], "usage": None})

@@ -1,0 +1,224 @@
+"""OpenAI's Responses API wire shapes, as its API reference and official SDK define them.
+
+Text in, text out: the request's unknown fields are ignored, and the options that this server
+cannot honour (tools, reasoning, structured output, chaining) are declared so that using one is
+refused by name rather than silently served differently.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.protocol import Text
+
+MAX_METADATA_KEYS = 16
+
+
+class InputText(BaseModel):
+    type: Literal["input_text", "output_text"]
+    text: Text
+
+
+class InputMessage(BaseModel):
+    """One turn of `input`: an assistant's turn may quote its earlier output as `output_text` parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[InputText]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "text"
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class Unsupported(BaseModel):
+    """Responses options this server does not implement: each refused with a 400 naming it when used."""
+
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+    truncation: str | None = None
+
+    def first_used(self) -> str | None:
+        """The first option set to something other than its neutral value."""
+        neutral: dict[str, object] = {"tools": [], "tool_choice": "none", "include": [], "truncation": "disabled"}
+        for name in Unsupported.model_fields:
+            value = getattr(self, name)
+            if value is not None and value != neutral.get(name, object()):
+                return name
+        return None
+
+
+class ResponseCreateRequest(Unsupported):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: Text | list[InputMessage] = Field(description="A user message as a string, or a list of turns.")
+    instructions: Text | None = Field(None, description="The system prompt.")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    background: bool = False
+    store: bool = True
+    metadata: dict[str, str] | None = Field(None, max_length=MAX_METADATA_KEYS)
+    text: TextConfig | None = None
+    user: str | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: ItemStatus
+    content: list[OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+ResponseStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
+
+
+class Settings(BaseModel):
+    """What a response echoes of its request, kept with its task so that any API process can answer for it."""
+
+    model: str
+    created_at: int
+    instructions: str | None
+    max_output_tokens: int
+    temperature: float
+    top_p: float
+    background: bool
+    store: bool
+    metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+
+
+class Response(Settings):
+    id: str
+    object: Literal["response"] = "response"
+    status: ResponseStatus
+    completed_at: int | None = None
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    output: list[OutputMessage]
+    usage: ResponseUsage | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: Literal["none"] = "none"
+    tools: list[Any] = Field(default_factory=list)
+    text: TextConfig = Field(default_factory=TextConfig)
+    truncation: Literal["disabled"] = "disabled"
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
+class Event(BaseModel):
+    """Every event of a response's stream: its `type` is also the SSE event name."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseEvent(Event):
+    """response.created, .queued, .in_progress, and the terminal .completed, .incomplete, .failed, .cancelled."""
+
+    response: Response
+
+
+class OutputItemEvent(Event):
+    output_index: int = 0
+    item: OutputMessage
+
+
+class ContentPartEvent(Event):
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    part: OutputText
+
+
+class TextDeltaEvent(Event):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class TextDoneEvent(Event):
+    type: Literal["response.output_text.done"] = "response.output_text.done"
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    text: str
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ErrorEvent(Event):
+    """The stream cannot go on (its task failed to be read, or restarted its text): the response
+    itself can still be retrieved."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    param: str | None = None
+
