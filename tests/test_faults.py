@@ -7,14 +7,16 @@ Redis's visibility timeout, takes seconds rather than minutes) and at most two a
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import openai
 import pytest
 import redis
 from celery import Celery
+from openai.types.responses import ResponseStreamEvent
 
 from core.protocol import GenerateRequest, TaskStatus, TaskView
 from core.store import TaskStore
@@ -298,6 +300,86 @@ def test_api_restart_affects_no_task(stack: Stack, client: httpx.Client) -> None
     stack.wait_healthy()
     final, _ = poll_until_finished(client, task_id)
     assert final.status == TaskStatus.succeeded and final.text
+
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def sdk(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def read_until_text(stream: Iterable[ResponseStreamEvent], deltas: int) -> list[ResponseStreamEvent]:
+    """The events up to and including the `deltas`-th piece of text."""
+    events: list[ResponseStreamEvent] = []
+    for event in stream:
+        events.append(event)
+        if sum(e.type == "response.output_text.delta" for e in events) == deltas:
+            return events
+    raise AssertionError(f"the stream ended before {deltas} deltas: {[e.type for e in events]}")
+
+
+def text_of(events: Iterable[ResponseStreamEvent]) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def assert_numbered_once(events: list[ResponseStreamEvent]) -> None:
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(set(numbers)), f"an event was repeated or came back in time: {numbers}"
+
+
+def test_a_background_response_survives_the_api_killed_and_resumes(stack: Stack, sdk: openai.OpenAI) -> None:
+    """The issue's "done when": kill -9 of the API mid-answer, a new API, and the SDK resumes exactly."""
+    stream = sdk.responses.create(model=MODEL, input=STORY, temperature=0, max_output_tokens=32, background=True,
+                                  stream=True)
+    seen = read_until_text(stream, 2)
+    assert stack.api is not None
+    stack.api.send_signal(signal.SIGKILL)
+    stack.api.wait()
+    stream.close()
+    stack.start_api()
+    stack.wait_healthy()
+
+    rest = list(sdk.responses.retrieve(seen[0].response.id, stream=True, starting_after=seen[-1].sequence_number))
+    assert_numbered_once(seen + rest)
+    final = sdk.responses.retrieve(seen[0].response.id)
+    assert rest[-1].type == "response.incomplete" and text_of(seen + rest) == final.output_text
+
+
+def test_a_response_stream_rides_out_a_redis_restart(stack: Stack, client: httpx.Client, sdk: openai.OpenAI) -> None:
+    stream = sdk.responses.create(model=MODEL, input=STORY, temperature=0, max_output_tokens=32, background=True,
+                                  stream=True)
+    seen = read_until_text(stream, 1)
+    restart_redis(stack, client)
+    rest = list(stream)
+    assert_numbered_once(seen + rest)
+    final = sdk.responses.retrieve(seen[0].response.id)
+    assert rest[-1].type == "response.incomplete" and text_of(seen + rest) == final.output_text
+
+
+def test_a_response_whose_worker_died_never_joins_two_attempts(stack: Stack, sdk: openai.OpenAI) -> None:
+    """Until takeover continues the text, a new attempt restarts it: a stream that has shown the old
+    attempt's text ends with an error event, a resume from it is refused, and a fresh stream shows
+    the new attempt's text under numbers that never go back."""
+    stream = sdk.responses.create(model=MODEL, input=STORY, temperature=0, max_output_tokens=48, background=True,
+                                  stream=True)
+    seen = read_until_text(stream, 2)
+    response_id = seen[0].response.id
+    replace_worker(stack)
+    rest = list(stream)
+    assert rest[-1].type == "error" and rest[-1].code == "answer_restarted", [e.type for e in rest]
+    assert_numbered_once(seen + rest)
+
+    resumed = list(sdk.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number))
+    assert [e.type for e in resumed] == ["error"] and resumed[0].code == "answer_restarted"
+    fresh = list(sdk.responses.retrieve(response_id, stream=True))
+    final = sdk.responses.retrieve(response_id)
+    assert final.status == "incomplete" and text_of(fresh) == final.output_text
+    deltas = [e.sequence_number for e in fresh if e.type == "response.output_text.delta"]
+    assert_numbered_once(fresh)
+    assert min(deltas) > rest[-1].sequence_number
 
 
 def test_logs_hold_no_prompt(stack: Stack, client: httpx.Client) -> None:
