@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import errors, streams
+from app.body_limit import BodyLimit
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
 from app.llamacpp import routes as llamacpp
@@ -99,14 +100,10 @@ UNAUTHORIZED: dict[int | str, dict[str, object]] = {
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set.
-
-    FastAPI's own body limit answers 413 by Content-Length, and by counting a chunked body's bytes.
-    """
-    app = FastAPI(
-        title="Queued Llama chat", lifespan=lifespan, max_body_size=settings.max_request_bytes, redirect_slashes=False
-    )
+    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set."""
+    app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False)
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(OptionalTrailingSlash)
     if settings.cors_origin_list:
         app.add_middleware(

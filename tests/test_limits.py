@@ -1,9 +1,10 @@
 """Backpressure and outages: oversized bodies (413), oversized prompts (422), a full queue (429), Redis down (503)."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
+import openai
 import pytest
 
 from core.settings import Settings
@@ -15,26 +16,38 @@ HALF = DEFAULTS.max_prompt_chars // 2
 ANSWER_WITHIN_S = 5.0
 
 
-def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
-    body = b'{"prompt": "' + b"a" * DEFAULTS.max_request_bytes + b'"}'
-    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+TOO_LARGE = f"the request body is above this server's limit of {DEFAULTS.max_request_bytes} bytes"
+
+
+def oversized_chunks() -> Iterator[bytes]:
+    yield b'{"prompt": "'
+    for _ in range(DEFAULTS.max_request_bytes // 65_536 + 1):
+        yield b"a" * 65_536
+    yield b'"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "message_of"),
+    [("/generate", lambda body: body["detail"]), ("/v1/chat/completions", lambda body: body["error"]["message"]),
+     ("/v1/responses", lambda body: body["error"]["message"]), ("/completion", lambda body: body["error"]["message"])],
+)
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_in_its_familys_envelope(
+    client: httpx.Client, path: str, message_of: Callable[[dict], str], chunked: bool
+) -> None:
+    """By Content-Length before the body is read, or on the bytes as they arrive."""
+    body = oversized_chunks() if chunked else b"".join(oversized_chunks())
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert ("content-length" not in response.request.headers) == chunked
     assert response.status_code == 413
-    assert response.text == "Content Too Large"  # Starlette's own answer when Content-Length is over
+    assert message_of(response.json()) == TOO_LARGE
 
 
-def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
-    """No Content-Length: the limit is enforced on the bytes as they arrive."""
-
-    def chunks() -> Iterator[bytes]:
-        yield b'{"prompt": "'
-        for _ in range(DEFAULTS.max_request_bytes // 65_536 + 1):
-            yield b"a" * 65_536
-        yield b'"}'
-
-    response = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
-    assert "content-length" not in response.request.headers
-    assert response.status_code == 413
-    assert response.json()["detail"] == "Content Too Large"
+def test_the_openai_sdk_reads_a_413_as_its_own_error(api_url: str) -> None:
+    with openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk.responses.create(model="SmolLM2-135M-Instruct", input="a" * DEFAULTS.max_request_bytes)
+    assert caught.value.status_code == 413 and caught.value.code == "request_too_large"
 
 
 @pytest.mark.parametrize(

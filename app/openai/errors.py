@@ -1,7 +1,7 @@
 """OpenAI's error envelope, `{"error": {"message", "type", "param", "code"}}`, for every refusal on /v1.
 
 Installed on the OpenAI sub-application only, so the other routes keep FastAPI's shape: bad
-input is a 400 naming the parameter (where /generate answers 422), then 401, 404, 429 with
+input is a 400 naming the parameter (where /generate answers 422), then 401, 404, 413, 429 with
 Retry-After, 503.
 """
 
@@ -19,8 +19,11 @@ from app.openai.protocol import ErrorDetail, ErrorResponse
 # and in Responses.
 PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages"}
 RESPONSES_PARAMS = {"max_new_tokens": "max_output_tokens", "system_prompt": "instructions", "messages": "input"}
-TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
-CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+TYPES = {429: "rate_limit_error", 503: "server_error"}
+CODES = {
+    401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
 
 
 class OpenAIError(Exception):

@@ -1,0 +1,41 @@
+"""Bodies above MAX_REQUEST_BYTES answer 413, each in its API family's own error envelope.
+
+The limit is enforced where a route reads its body: by Content-Length at the first read, and by
+counting a chunked body's bytes. It raises an HTTPException, which each family's handlers turn
+into its envelope (OpenAI's, llama.cpp's, FastAPI's), as they do every other refusal; FastAPI's
+own `max_body_size` answers a plain-text 413 that no family's client can parse.
+"""
+
+from fastapi import HTTPException
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large()
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(
+            status_code=413, detail=f"the request body is above this server's limit of {self.max_bytes} bytes"
+        )
