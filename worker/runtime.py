@@ -36,7 +36,9 @@ class HandBack(Exception):
 
 
 def sampling_params(request: GenerateRequest, settings: Settings) -> SamplingParams:
-    """The request's sampling choices with the server defaults filled in, in one place."""
+    """The request's sampling choices. The API fills in its defaults before it queues a task
+    (`app.admission.with_defaults`); this worker's apply only to a payload that lacks them (one
+    sent by an API of an earlier version, or by hand)."""
 
     def pick(value, default):  # type: ignore[no-untyped-def]
         return default if value is None else value
