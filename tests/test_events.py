@@ -81,10 +81,15 @@ def test_every_route_answers_with_a_trailing_slash_and_no_redirect(client: httpx
     accepted = client.post("/generate/", json={"prompt": "Hi", "max_new_tokens": 1})
     assert accepted.status_code == 202, accepted.text
     task_id = accepted.json()["task_id"]
-    for method, path in (("GET", f"/task/{task_id}/"), ("GET", "/health/"), ("GET", f"/task/{task_id}/events/")):
+    for method, path in (("GET", f"/task/{task_id}/"), ("GET", "/health/"), ("GET", f"/task/{task_id}/events/"),
+                         ("GET", "/v1/models/"), ("GET", "/props/")):
         with client.stream(method, path) as response:
             assert response.status_code == 200, (path, response.status_code)
     assert client.delete(f"/task/{task_id}/").status_code in (202, 409)
+    response = client.post("/v1/responses/", json={"model": "SmolLM2-135M-Instruct", "input": "Hi",
+                                                   "max_output_tokens": 1, "background": True})
+    assert response.status_code == 200, response.text
+    assert client.get(f"/v1/responses/{response.json()['id']}/").status_code == 200
 
 
 def tutorial_poller(base_url: str, prompt: str) -> str:

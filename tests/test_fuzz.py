@@ -194,8 +194,14 @@ def test_what_the_fuzz_found_is_a_422_naming_the_field(fuzz_client: httpx.Client
 
 
 openai_bodies = st.fixed_dictionaries(
-    {"model": st.just("SmolLM2-135M-Instruct") | hostile_text, "max_tokens": token_counts, "n_predict": token_counts},
+    {"model": st.just("SmolLM2-135M-Instruct") | hostile_text, "max_tokens": token_counts, "n_predict": token_counts,
+     "max_output_tokens": token_counts},
     optional={
+        "input": hostile_text | messages,
+        "instructions": hostile_text | json_values,
+        "background": st.booleans() | json_values,
+        "store": st.booleans() | json_values,
+        "metadata": st.dictionaries(hostile_text, hostile_text, max_size=20) | json_values,
         "messages": messages | st.lists(st.fixed_dictionaries({"role": roles, "content": st.lists(
             st.fixed_dictionaries({"type": st.just("text") | hostile_text, "text": hostile_text}), max_size=2)})),
         "prompt": hostile_text | json_values,
@@ -218,9 +224,10 @@ openai_bodies = st.fixed_dictionaries(
 def test_openai_and_llama_cpp_routes_never_fail_on_hostile_bodies(fuzz_client: httpx.Client) -> None:
     """Every refusal is a 4xx in the family's envelope (both have `error.message`); whatever is
     accepted is answered (1 or 2 tokens)."""
+    paths = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/completion", "/tokenize", "/detokenize"]
 
     @FUZZ
-    @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/completion", "/tokenize", "/detokenize"]),
+    @given(path=st.sampled_from(paths),
            payload=openai_bodies.map(encode))
     def post(path: str, payload: bytes) -> None:
         response = fuzz_client.post(path, content=payload, headers={"content-type": "application/json"}, timeout=60)

@@ -1,7 +1,9 @@
 """OpenAI's Responses API on the durable queue, driven by the official `openai` package."""
 
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -9,6 +11,7 @@ import pytest
 
 from core.protocol import TaskStatus
 from devstack.processes import wait_until
+from tests.extra_api import extra_api
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
@@ -152,3 +155,19 @@ def test_an_unknown_model_is_a_404(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         sdk.responses.create(model="gpt-5", input="Hi")
     assert caught.value.code == "model_not_found"
+
+
+def test_a_response_is_visible_only_to_the_key_that_made_it(
+    redis_server: str, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    owner_key, other_key = "k-" + uuid.uuid4().hex, "k-" + uuid.uuid4().hex
+    overrides = {"API_KEYS": f"{owner_key},{other_key}", "REDIS_URL": redis_server.rsplit("/", 1)[0] + "/4"}
+    with extra_api(stack_env, tmp_path, overrides) as url:  # a database no worker reads: it stays queued
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=owner_key, max_retries=0) as owner, \
+                openai.OpenAI(base_url=f"{url}/v1", api_key=other_key, max_retries=0) as other:
+            queued = owner.responses.create(model=MODEL, input="Hi", max_output_tokens=1, background=True)
+            for call in (other.responses.retrieve, other.responses.cancel, other.responses.delete):
+                with pytest.raises(openai.NotFoundError):
+                    call(queued.id)
+            assert owner.responses.retrieve(queued.id).status == "queued"
+            assert owner.responses.cancel(queued.id).status == "cancelled"
