@@ -1,9 +1,9 @@
 """`make run`: Redis (REDIS_URL if it answers, else a local redis-server), one worker and the API.
 
-Ctrl-C (or SIGTERM, as from `kill` or a process manager) stops them all. A worker that exits
-(its engine could not recover, it was killed) is started again, after a pause that grows while
-it keeps exiting; Redis or the API exiting stops the stack. Logs go to the terminal; Redis data
-lives under ./var/redis.
+Ctrl-C (or SIGTERM, as from `kill` or a process manager) stops them all. A worker or an API
+that exits (an engine that could not recover, a `kill -9`) is started again, after a pause that
+grows while it keeps exiting: every task and response lives on in Redis meanwhile. Redis exiting
+stops the stack. Logs go to the terminal; Redis data lives under ./var/redis.
 """
 
 import logging
@@ -26,24 +26,25 @@ def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     settings = get_settings()
-    processes: list[subprocess.Popen] = []
-    worker = RestartingWorker()
+    redis: subprocess.Popen | None = None  # one this stack started (and so stops)
+    worker = Restarting("worker", worker_command())
+    api = Restarting("API", api_command(settings.api_host, settings.api_port))
     try:
         if answers(settings.redis_url):
             log.info("using the Redis at REDIS_URL")
         else:
             log.info("starting redis-server (data in %s)", VAR / "redis")
-            processes.append(start_redis(settings.redis_url, VAR / "redis", VAR / "redis.log"))
+            redis = start_redis(settings.redis_url, VAR / "redis", VAR / "redis.log")
         worker.start()
-        processes.append(subprocess.Popen(api_command(settings.api_host, settings.api_port)))
+        api.start()
         log.info("API on %s; Ctrl-C stops everything", settings.base_url)
-        return _wait(processes, worker)
+        return _wait(redis, [api, worker])
     except KeyboardInterrupt:
         return 0
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not orphan the children
             signal.signal(signum, signal.SIG_IGN)
-        _stop(processes, worker)
+        _stop(redis, [api, worker])
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -51,25 +52,27 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-class RestartingWorker:
-    """The stack's worker process, started again whenever it exits.
+class Restarting:
+    """One of the stack's processes, started again whenever it exits.
 
-    The pause before a restart doubles (up to `MAX_PAUSE_S`) while the worker keeps exiting soon
-    after starting, so a worker that cannot start does not spin; one that ran for a while
-    restarts at once.
+    The pause before a restart doubles (up to `MAX_PAUSE_S`) while the process keeps exiting soon
+    after starting, so one that cannot start does not spin; one that ran for a while restarts at
+    once.
     """
 
     MAX_PAUSE_S = 30.0
     STEADY_S = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, command: list[str]) -> None:
+        self.name = name
+        self.command = command
         self.process: subprocess.Popen | None = None
         self._started_at = 0.0
         self._pause_s = 0.0
         self._restart_at: float | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(worker_command())
+        self.process = subprocess.Popen(self.command)
         self._started_at = time.monotonic()
         self._restart_at = None
 
@@ -78,37 +81,36 @@ class RestartingWorker:
         now = time.monotonic()
         if self._restart_at is not None:
             if now >= self._restart_at:
-                log.info("starting the worker again")
+                log.info("starting the %s again", self.name)
                 self.start()
             return
         if self.process is None or self.process.poll() is None:
             return
         ran_s = now - self._started_at
         self._pause_s = 0.0 if ran_s >= self.STEADY_S else min(self.MAX_PAUSE_S, max(1.0, 2 * self._pause_s))
-        log.error("the worker exited with code %s after %.0f s; restarting it in %.0f s",
-                  self.process.returncode, ran_s, self._pause_s)
+        log.error("the %s exited with code %s after %.0f s; restarting it in %.0f s",
+                  self.name, self.process.returncode, ran_s, self._pause_s)
         self._restart_at = now + self._pause_s
 
 
-def _wait(processes: list[subprocess.Popen], worker: RestartingWorker) -> int:
-    """Until Ctrl-C, or until Redis or the API exits on its own (which stops the rest)."""
+def _wait(redis: subprocess.Popen | None, restarting: list[Restarting]) -> int:
+    """Until Ctrl-C, or until Redis exits on its own (which stops the rest)."""
     while True:
-        for process in processes:
-            if process.poll() is not None:
-                log.error("%s exited with code %s; stopping", process.args[:3], process.returncode)
-                return 1
-        worker.watch()
+        if redis is not None and redis.poll() is not None:
+            log.error("redis-server exited with code %s; stopping", redis.returncode)
+            return 1
+        for child in restarting:
+            child.watch()
         time.sleep(0.5)
 
 
-def _stop(processes: list[subprocess.Popen], worker: RestartingWorker) -> None:
+def _stop(redis: subprocess.Popen | None, restarting: list[Restarting]) -> None:
     """The API first, then the worker, then Redis, which the others need until they have stopped."""
-    for process in reversed(processes[1:] if len(processes) > 1 else processes):
-        stop(process)
-    if worker.process is not None:
-        stop(worker.process)
-    if len(processes) > 1:
-        stop(processes[0])
+    for child in restarting:
+        if child.process is not None:
+            stop(child.process)
+    if redis is not None:
+        stop(redis)
 
 
 if __name__ == "__main__":

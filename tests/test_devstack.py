@@ -1,4 +1,5 @@
-"""`make run`'s supervisor, as a user runs it: a worker that exits is started again, the stack stays up."""
+"""`make run`'s supervisor, as a user runs it: a worker or an API that exits is started again, the
+stack stays up, and a background response outlives its API."""
 
 import os
 import signal
@@ -7,23 +8,37 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 
 from devstack.processes import ROOT, free_port, stop, wait_until
 
 STARTUP_S = 300
+MODEL = "SmolLM2-135M-Instruct"
 
 
-def celery_children(devstack: subprocess.Popen) -> list[psutil.Process]:
-    """The stack's live worker processes (one that was just killed is a zombie until reaped)."""
-    workers = []
+def children(devstack: subprocess.Popen, program: str) -> list[psutil.Process]:
+    """The stack's live processes running `program` (one just killed is a zombie until reaped)."""
+    found = []
     for child in psutil.Process(devstack.pid).children():
         try:
-            if "celery" in " ".join(child.cmdline()):
-                workers.append(child)
+            if program in " ".join(child.cmdline()):
+                found.append(child)
         except (psutil.ZombieProcess, psutil.NoSuchProcess):
             continue
-    return workers
+    return found
+
+
+def kill_and_wait_for_another(devstack: subprocess.Popen, program: str) -> None:
+    (first,) = children(devstack, program)
+    os.kill(first.pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = children(devstack, program)
+        return devstack.poll() is not None or (len(now) == 1 and now[0].pid != first.pid)
+
+    wait_until(replaced, 60, f"a new {program} process", interval_s=0.5)
+    assert devstack.poll() is None, "the stack stopped"
 
 
 def healthy(url: str) -> bool:
@@ -33,8 +48,10 @@ def healthy(url: str) -> bool:
         return False
 
 
-def test_make_run_restarts_a_worker_that_exits(stack_env: dict[str, str], tmp_path: Path) -> None:
-    """The supervisor used to stop the whole stack when its worker exited."""
+def test_make_run_restarts_a_worker_or_an_api_that_exits(stack_env: dict[str, str], tmp_path: Path) -> None:
+    """The supervisor used to stop the whole stack when its worker or its API exited. Also the
+    standard-APIs issue's "done when": the SDK's background response survives `kill -9` of the API
+    in the middle and resumes exactly after the last event seen."""
     port = free_port()
     env = stack_env | {
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
@@ -46,21 +63,28 @@ def test_make_run_restarts_a_worker_that_exits(stack_env: dict[str, str], tmp_pa
     log = open(tmp_path / "devstack.log", "wb")
     devstack = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-    children: list[psutil.Process] = []
+    processes: list[psutil.Process] = []
     try:
         wait_until(lambda: healthy(url), STARTUP_S, "make run's stack", interval_s=0.5)
-        (first,) = celery_children(devstack)
-        os.kill(first.pid, signal.SIGKILL)
-        wait_until(lambda: devstack.poll() is not None or len(celery_children(devstack)) == 1
-                   and celery_children(devstack)[0].pid != first.pid, 60, "a new worker process", interval_s=0.5)
-        assert devstack.poll() is None, "the stack stopped"
+        kill_and_wait_for_another(devstack, "celery")
         wait_until(lambda: healthy(url), STARTUP_S, "the new worker", interval_s=0.5)
-        task = httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=30)
-        assert task.status_code == 202
-        children = psutil.Process(devstack.pid).children()
+
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = sdk.responses.create(model=MODEL, input="Write a poem about the sea.", temperature=0,
+                                      max_output_tokens=32, background=True, stream=True)
+        seen = [event for _, event in zip(range(7), stream)]
+        kill_and_wait_for_another(devstack, "uvicorn")
+        stream.close()
+        wait_until(lambda: healthy(url), STARTUP_S, "the new API", interval_s=0.5)
+        rest = list(sdk.responses.retrieve(seen[0].response.id, stream=True, starting_after=seen[-1].sequence_number))
+        final = sdk.responses.retrieve(seen[0].response.id)
+        assert [e.sequence_number for e in seen + rest] == sorted({e.sequence_number for e in seen + rest})
+        text = "".join(e.delta for e in seen + rest if e.type == "response.output_text.delta")
+        assert final.status == "incomplete" and text == final.output_text
+        processes = psutil.Process(devstack.pid).children()
     finally:
         stop(devstack, timeout_s=120)  # SIGTERM, as a process manager stops it
     text = (tmp_path / "devstack.log").read_text(errors="replace")
-    assert "restarting it" in text, text[-2000:]
-    _, alive = psutil.wait_procs(children, timeout=10)
+    assert "the worker exited" in text and "the API exited" in text, text[-2000:]
+    _, alive = psutil.wait_procs(processes, timeout=10)
     assert devstack.returncode == 0 and not alive, f"left running: {alive}"

@@ -64,12 +64,15 @@ def test_chat_streams_as_the_sdk_expects_with_usage_last(sdk: openai.OpenAI) -> 
     assert text == whole.choices[0].message.content
 
 
-def test_completions_take_the_raw_prompt(sdk: openai.OpenAI) -> None:
+def test_completions_take_the_raw_prompt(sdk: openai.OpenAI, api_url: str) -> None:
     prompt = "The capital of France is"
     whole = sdk.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8)
     streamed = list(sdk.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, stream=True))
     assert whole.choices[0].text and "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     assert whole.usage.prompt_tokens < 10, "no chat template or system prompt around it"
+    llama = httpx.post(f"{api_url}/completion", json={"prompt": prompt, "n_predict": 8, "temperature": 0},
+                       timeout=60).json()
+    assert llama["content"] == whole.choices[0].text, "the same raw prompt, the same greedy text"
 
 
 @pytest.mark.parametrize(
