@@ -16,7 +16,9 @@ from starlette.responses import StreamingResponse
 PING_S = 15.0
 
 
-def sse_response(data: AsyncIterator[str | ServerSentEvent], headers: dict[str, str] | None = None) -> StreamingResponse:
+def sse_response(
+    data: AsyncIterator[str | ServerSentEvent], headers: dict[str, str] | None = None
+) -> StreamingResponse:
     """Each string `data` yields becomes one `data:` event, and each ServerSentEvent its `event:`
     and `data:` lines (its `raw_data`, already JSON), with pings while it yields nothing."""
     return StreamingResponse(

@@ -22,7 +22,12 @@ def check_supported(body: Sampling, served: list[str]) -> None:
     check_model(body.model, served)
     if body.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    if (option := body.first_used()) is not None:
+    refuse_unsupported(body.first_used())
+
+
+def refuse_unsupported(option: str | None) -> None:
+    """A 400 naming an option of OpenAI's that this server does not implement (None: none was used)."""
+    if option is not None:
         raise OpenAIError(
             400, f"'{option}' is not supported by this server", param=option, code="unsupported_parameter"
         )

@@ -7,10 +7,11 @@ its annotation, so any API process, started before or after, can answer for it.
 
 import time
 
-from app.openai.convert import ROLES, check_model
+from app.openai.convert import ROLES, check_model, refuse_unsupported
 from app.openai.errors import OpenAIError
 from app.openai.responses.protocol import (
     IncompleteDetails,
+    ItemStatus,
     OutputMessage,
     OutputText,
     Response,
@@ -23,6 +24,8 @@ from app.openai.responses.protocol import (
 from core.protocol import GenerateRequest, Role, TaskStatus, TaskView
 
 PREFIX = "resp_"
+# The output message's status, for each response status that has one (the rest: incomplete).
+ITEM_STATUSES: dict[ResponseStatus, ItemStatus] = {"completed": "completed", "in_progress": "in_progress"}
 
 
 def response_id(task_id: str) -> str:
@@ -40,8 +43,7 @@ def task_id_of(response_id: str) -> str:
 
 def check_supported(body: ResponseCreateRequest, served: list[str]) -> None:
     check_model(body.model, served)
-    if (option := body.first_used()) is not None:
-        raise OpenAIError(400, f"'{option}' is not supported by this server", param=option, code="unsupported_parameter")
+    refuse_unsupported(body.first_used())
     if body.text is not None and body.text.format.type != "text":
         raise OpenAIError(400, "only text output is supported", param="text.format", code="unsupported_value")
     if body.background and not body.store:
@@ -117,5 +119,5 @@ def _output(task_id: str, view: TaskView, status: ResponseStatus) -> list[Output
     """One assistant message once there is text (or once the task succeeded, even with none)."""
     if status in ("queued", "failed") or (not view.text and status != "completed"):
         return []
-    item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
-    return [OutputMessage(id=item_id(task_id), status=item_status, content=[OutputText(text=view.text)])]  # type: ignore[arg-type]
+    item_status = ITEM_STATUSES.get(status, "incomplete")
+    return [OutputMessage(id=item_id(task_id), status=item_status, content=[OutputText(text=view.text)])]

@@ -93,7 +93,8 @@ class ResponseEvents:
         assert response.status in TERMINAL
         n = self._next()
         if response.status == "failed" or not response.output:
-            return self._visible([ResponseEvent(type=f"response.{response.status}", sequence_number=n, response=response)])
+            terminal = ResponseEvent(type=f"response.{response.status}", sequence_number=n, response=response)
+            return self._visible([terminal])
         events = self._open()
         item = response.output[0]
         part = item.content[0]

@@ -195,22 +195,21 @@ class ContentPartEvent(Event):
     part: OutputText
 
 
-class TextDeltaEvent(Event):
+class TextEvent(Event):
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class TextDeltaEvent(TextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
-class TextDoneEvent(Event):
+class TextDoneEvent(TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     text: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
 class ErrorEvent(Event):

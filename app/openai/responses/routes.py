@@ -150,9 +150,10 @@ async def _numbered(
         async for entry in follow(services.aredis, task_id):
             if entry.ended:
                 break
-            if entry.attempt != numbering.attempt and (refused := await _rebase(services, task_id, numbering, entry.attempt)):
-                yield refused
-                return
+            if entry.attempt != numbering.attempt:  # a new attempt restarted the text
+                if (refused := await _rebase(services, task_id, numbering, entry.attempt)) is not None:
+                    yield refused
+                    return
             for event in numbering.chunk(entry.text or ""):
                 yield event
         view = await run_in_threadpool(services.store.view, task_id)
