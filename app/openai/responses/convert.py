@@ -19,7 +19,7 @@ from app.openai.responses.protocol import (
     ResponseError,
     ResponseStatus,
     ResponseUsage,
-    Settings,
+    ResponseSettings,
 )
 from core.protocol import GenerateRequest, Role, TaskStatus, TaskView
 
@@ -66,10 +66,10 @@ def internal_fields(body: ResponseCreateRequest) -> dict[str, object]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> Settings:
+def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> ResponseSettings:
     """What the response echoes: the request as the worker runs it (defaults resolved)."""
     assert request.max_new_tokens is not None and request.temperature is not None and request.top_p is not None
-    return Settings(
+    return ResponseSettings(
         model=body.model,
         created_at=int(time.time()),
         instructions=body.instructions,
@@ -83,7 +83,7 @@ def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> Settin
     )
 
 
-def response(task_id: str, settings: Settings, view: TaskView | None) -> Response:
+def response(task_id: str, settings: ResponseSettings, view: TaskView | None) -> Response:
     """The response as it stands; `view` None means it has just been queued."""
     status = _status(view) if view is not None else "queued"
     base = Response(id=response_id(task_id), status=status, output=[], **settings.model_dump())

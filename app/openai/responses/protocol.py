@@ -133,7 +133,7 @@ class IncompleteDetails(BaseModel):
 ResponseStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
 
 
-class Settings(BaseModel):
+class ResponseSettings(BaseModel):
     """What a response echoes of its request, kept with its task so that any API process can answer for it."""
 
     model: str
@@ -148,7 +148,7 @@ class Settings(BaseModel):
     user: str | None = None
 
 
-class Response(Settings):
+class Response(ResponseSettings):
     id: str
     object: Literal["response"] = "response"
     status: ResponseStatus

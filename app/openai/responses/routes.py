@@ -6,6 +6,7 @@ process streams it again, numbered as before (see `events`).
 """
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -26,7 +27,7 @@ from app.openai.responses.protocol import (
     Response,
     ResponseCreateRequest,
     ResponseDeleted,
-    Settings,
+    ResponseSettings,
 )
 from app.openai.routes import served_models
 from app.security import CallerTag, visible_task_id
@@ -37,12 +38,12 @@ router = APIRouter()
 CANCEL_WAIT_S = 10.0
 
 
+@dataclass(frozen=True)
 class Stored:
     """A response that exists for this caller: its task id and what it echoes of its request."""
 
-    def __init__(self, task_id: str, settings: Settings) -> None:
-        self.task_id = task_id
-        self.settings = settings
+    task_id: str
+    settings: ResponseSettings
 
 
 def stored_response(response_id: str, services: ServicesDep, caller: CallerTag) -> Stored:
@@ -56,7 +57,7 @@ def stored_response(response_id: str, services: ServicesDep, caller: CallerTag) 
     annotation = services.store.annotation(task_id)
     if annotation is None:
         raise missing
-    settings = Settings.model_validate_json(annotation)
+    settings = ResponseSettings.model_validate_json(annotation)
     if not settings.store:
         raise missing
     return Stored(task_id, settings)
@@ -116,7 +117,7 @@ def delete_response(stored: StoredResponse, services: ServicesDep) -> ResponseDe
     return ResponseDeleted(id=convert.response_id(stored.task_id))
 
 
-async def _current(services: Services, task_id: str, settings: Settings) -> Response:
+async def _current(services: Services, task_id: str, settings: ResponseSettings) -> Response:
     view = await run_in_threadpool(services.store.view, task_id)
     if view is None:
         raise OpenAIError(404, f"the response {convert.response_id(task_id)} has expired", code="not_found")
@@ -124,7 +125,7 @@ async def _current(services: Services, task_id: str, settings: Settings) -> Resp
 
 
 async def _events(
-    services: Services, task_id: str, settings: Settings, after: int, cancel_on_leave: bool
+    services: Services, task_id: str, settings: ResponseSettings, after: int, cancel_on_leave: bool
 ) -> AsyncIterator[ServerSentEvent]:
     """The response's events after `after`, live; a client that leaves a plain (not background)
     streamed response cancels it, so that the model is freed at once."""
@@ -139,7 +140,7 @@ async def _events(
 
 
 async def _numbered(
-    services: Services, task_id: str, settings: Settings, numbering: ResponseEvents
+    services: Services, task_id: str, settings: ResponseSettings, numbering: ResponseEvents
 ) -> AsyncIterator[Event]:
     try:
         if (refused := await _rebase(services, task_id, numbering)) is not None:
