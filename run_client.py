@@ -132,14 +132,16 @@ def submit(client: httpx.Client, body: dict) -> str:
 
 
 def poll(client: httpx.Client, task_id: str, interval_s: float, timeout_s: float) -> Iterator[TaskView]:
-    """Each answer of GET /task/{id}, passing the cursor back so that each holds only new chunks."""
+    """Each answer of GET /task/{id}, passing the cursor back so that each holds only new chunks;
+    the last one also holds the whole text (one more poll, without the cursor)."""
     deadline = time.monotonic() + timeout_s
     params: dict[str, str] = {}
     while True:
         view = fetch(client, task_id, params)
-        yield view
         if view.status.finished:
+            yield fetch(client, task_id, {}).model_copy(update={"chunks": view.chunks}) if params else view
             return
+        yield view
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimedOut(f"gave up after {timeout_s:g} s; task {task_id} is still {view.status}")

@@ -209,8 +209,11 @@ class TaskView(BaseModel):
     task_id: str
     status: TaskStatus
     attempt: int = Field(0, description="1 for the first run; higher when a worker died and another took over.")
-    text: str = Field(description="All text generated so far (in the current attempt).")
-    chunks: list[Chunk] = Field(description="Chunks after the requested cursor, oldest first.")
+    text: str | None = Field(
+        description="All text generated so far (in the current attempt); null on a poll with `after`, which "
+        "gets only the chunks since its cursor (poll once without it for the whole text)."
+    )
+    chunks: list[Chunk] = Field(description="Chunks after the requested cursor (all without one), oldest first.")
     cursor: str = Field(description="The cursor to pass as ?after= next time.")
     finish_reason: FinishReason | None = None
     stop_string: str | None = None

@@ -63,11 +63,12 @@ if redis.call('HGET', KEYS[1], 'status') == 'queued' then return redis.call('PER
 return 0
 """
 
-# KEYS: record, chunks. Both in one read, so a view never pairs one attempt's record with another's
-# chunks; a script rather than MULTI, because Redis refuses a MULTI while it is out of memory and
-# reading should go on then.
+# KEYS: record, chunks. ARGV: where the range starts ('-', or '(<cursor>' for the entries after a
+# cursor). Both in one read, so a view never pairs one attempt's record with another's chunks; a
+# script rather than MULTI, because Redis refuses a MULTI while it is out of memory and reading
+# should go on then.
 _VIEW_LUA = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+')}
+return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
 """
 
 # A record whose message was never sent (the API died in between) expires after this.
@@ -211,9 +212,15 @@ class TaskStore:
         self.redis.delete(chunks_key(task_id))
         self.fail(task_id, error)
 
-    def view(self, task_id: str, after: str = START_CURSOR) -> TaskView | None:
-        """One consistent snapshot of record and chunks; None for an id never submitted (or expired)."""
-        flat_record, raw_entries = self._eval(self._view_script, [record_key(task_id), chunks_key(task_id)], [])
+    def view(self, task_id: str, after: str | None = None) -> TaskView | None:
+        """One consistent snapshot of record and chunks; None for an id never submitted (or expired).
+
+        With `after`, only the chunks after that cursor are read (an exclusive XRANGE) and no whole
+        text is sent, so a poll costs what is new, however long the answer; without, the whole text.
+        """
+        start = "-" if after is None else f"({after}"
+        keys = [record_key(task_id), chunks_key(task_id)]
+        flat_record, raw_entries = self._eval(self._view_script, keys, [start])
         if not flat_record:
             return None
         record = dict(zip(flat_record[::2], flat_record[1::2]))
@@ -259,18 +266,17 @@ class TaskStore:
             time.sleep(RETRY_INTERVAL_S)
 
 
-def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str) -> TaskView:
+def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str | None) -> TaskView:
     fields = {k.decode(): v.decode() for k, v in record.items()}
     chunks = [
         Chunk(cursor=entry_id.decode(), text=data[b"text"].decode()) for entry_id, data in entries if b"text" in data
     ]
-    later = [c for c in chunks if _cursor_key(c.cursor) > _cursor_key(after)]
     view: dict[str, object] = {
         "task_id": task_id,
         "status": fields["status"],
-        "text": "".join(c.text for c in chunks),
-        "chunks": later,
-        "cursor": chunks[-1].cursor if chunks else START_CURSOR,
+        "text": "".join(c.text for c in chunks) if after is None else None,
+        "chunks": chunks,
+        "cursor": chunks[-1].cursor if chunks else after or START_CURSOR,
         "worker": fields.get("worker"),
         "error": fields.get("error"),
         "finish_reason": fields.get("finish_reason"),
@@ -278,11 +284,8 @@ def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str
         "message": None if TaskStatus(fields["status"]).finished else NOT_COMPLETED,
     }
     if "result" in fields:
-        view |= json.loads(fields["result"])
+        result = json.loads(fields["result"])
+        if after is not None:
+            del result["text"]
+        view |= result
     return TaskView.model_validate(view)
-
-
-def _cursor_key(cursor: str) -> tuple[int, int]:
-    """Stream ids compare as (milliseconds, sequence)."""
-    ms, _, seq = cursor.partition("-")
-    return int(ms), int(seq or 0)

@@ -18,7 +18,8 @@ def submit(client: httpx.Client, **body: object) -> str:
 def poll_until_finished(
     client: httpx.Client, task_id: str, interval_s: float = 0.02, timeout_s: float = POLL_TIMEOUT_S
 ) -> tuple[TaskView, list[TaskView]]:
-    """Poll with cursors as a client would; returns the final view and every view seen."""
+    """Poll with cursors as a client would; returns the final view, whole (one more poll, without a
+    cursor), and every view seen (each holding only the chunks after the cursor before it)."""
     seen: list[TaskView] = []
     cursor = "0-0"
     deadline = time.monotonic() + timeout_s
@@ -29,6 +30,6 @@ def poll_until_finished(
         seen.append(view)
         cursor = view.cursor
         if view.status.finished:
-            return view, seen
+            return TaskView.model_validate(client.get(f"/task/{task_id}").json()), seen
         time.sleep(interval_s)
     raise TimeoutError(f"task {task_id} did not finish in {timeout_s} s")

@@ -41,10 +41,10 @@ def test_partial_text_is_visible_before_the_end(client: httpx.Client) -> None:
     final, seen = poll_until_finished(client, task_id)
 
     assert final.status == TaskStatus.succeeded
-    partial = [v for v in seen if v.status == TaskStatus.running and v.text]
+    partial = [v for v in seen if v.status == TaskStatus.running and v.chunks]
     assert partial, "no poll saw text before the task finished"
-    assert all(final.text.startswith(v.text) for v in partial)
-    assert any(len(v.text) < len(final.text) for v in partial)
+    assert all(v.text is None for v in seen), "a poll with a cursor sends what is new, not the whole text"
+    assert "".join(c.text for v in seen for c in v.chunks) == final.text
     assert final.finish_reason == "length" and final.usage and final.usage.completion_tokens == 64
 
 

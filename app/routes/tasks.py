@@ -1,5 +1,8 @@
 """GET /task/{id}: progress, chunks after a cursor, and the result once finished; /events pushes
-the same as Server-Sent Events. DELETE cancels."""
+the same as Server-Sent Events. DELETE cancels.
+
+A poll with `after` costs what is new: the chunks after the cursor, without the whole text.
+"""
 
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -24,7 +27,10 @@ CURSOR_PATTERN = r"^\d{1,20}-\d{1,20}$"
 def get_task(
     task_id: VisibleTaskId,
     services: ServicesDep,
-    after: Annotated[str, Query(pattern=CURSOR_PATTERN, description="A cursor from an earlier answer.")] = START_CURSOR,
+    after: Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERN, description="A cursor from an earlier answer: only what came since, no whole text."),
+    ] = None,
 ) -> TaskView:
     view = services.store.view(task_id, after)
     if view is None:
@@ -61,11 +67,12 @@ async def task_events(
             chunk = StreamedChunk(text=entry.text or "", attempt=entry.attempt)
             yield ServerSentEvent(event="chunk", id=entry.cursor, data=chunk.model_dump())
             continue
-        view = await anyio.to_thread.run_sync(services.store.view, task_id, entry.cursor)
+        view = await anyio.to_thread.run_sync(services.store.view, task_id)
         if view is None:
             yield ServerSentEvent(event="error", data={"detail": task_not_found(task_id).detail})
-        else:
-            yield ServerSentEvent(event="result", id=entry.cursor, data=view.model_dump(mode="json"))
+        else:  # the whole text, without the chunks this stream has already sent
+            result = view.model_copy(update={"chunks": [], "cursor": entry.cursor})
+            yield ServerSentEvent(event="result", id=entry.cursor, data=result.model_dump(mode="json"))
 
 
 @router.delete(
