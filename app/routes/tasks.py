@@ -9,6 +9,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from pydantic import AfterValidator
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import ServicesDep
@@ -20,7 +21,19 @@ from core.store import START_CURSOR, record_key
 
 router = APIRouter(tags=["tasks"])
 
-CURSOR_PATTERN = r"^\d{1,20}-\d{1,20}$"
+# A Redis stream id: two unsigned 64-bit numbers, in ASCII digits (`\d` would take any script's).
+CURSOR_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+MAX_ID_PART = 2**64 - 1
+
+
+def _stream_id(cursor: str | None) -> str | None:
+    """Redis refuses a part above 2^64 - 1, which 20 digits can hold: that is the client's 422."""
+    if cursor is not None and any(int(part) > MAX_ID_PART for part in cursor.split("-")):
+        raise ValueError(f"is not a cursor: each of its two numbers is at most {MAX_ID_PART}")
+    return cursor
+
+
+Cursor = Annotated[str, AfterValidator(_stream_id)]
 
 
 @router.get("/task/{task_id}", response_model=TaskView, responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
@@ -28,8 +41,8 @@ def get_task(
     task_id: VisibleTaskId,
     services: ServicesDep,
     after: Annotated[
-        str | None,
-        Query(pattern=CURSOR_PATTERN, description="A cursor from an earlier answer: only what came since, no whole text."),
+        Cursor | None,
+        Query(pattern=CURSOR_PATTERN, description="A cursor from an earlier answer: what came since, no whole text."),
     ] = None,
 ) -> TaskView:
     view = services.store.view(task_id, after)
@@ -53,9 +66,9 @@ async def existing_task_id(task_id: VisibleTaskId, services: ServicesDep) -> str
 async def task_events(
     task_id: Annotated[str, Depends(existing_task_id)],
     services: ServicesDep,
-    after: Annotated[str, Query(pattern=CURSOR_PATTERN, description="Start after this cursor.")] = START_CURSOR,
+    after: Annotated[Cursor, Query(pattern=CURSOR_PATTERN, description="Start after this cursor.")] = START_CURSOR,
     last_event_id: Annotated[
-        str | None,
+        Cursor | None,
         Header(pattern=CURSOR_PATTERN, description="Sent by EventSource when it reconnects; wins over `after`."),
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
