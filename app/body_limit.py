@@ -4,7 +4,14 @@ The limit is enforced where a route reads its body: by Content-Length at the fir
 counting a chunked body's bytes. It raises an HTTPException, which each family's handlers turn
 into its envelope (OpenAI's, llama.cpp's, FastAPI's), as they do every other refusal; FastAPI's
 own `max_body_size` answers a plain-text 413 that no family's client can parse.
+
+Before it answers, the rest of the refused body is read and dropped (up to DRAIN_BYTES, for up to
+DRAIN_S), as nginx's lingering close does: a client that sends its whole body before reading
+(Python's `urllib`) otherwise meets a connection reset instead of the 413, since a socket closed
+with unread data resets.
 """
+
+import anyio
 
 from fastapi import HTTPException
 from starlette.datastructures import Headers
@@ -26,10 +33,13 @@ class BodyLimit:
         async def limited() -> Message:
             nonlocal received
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                await _drain(receive)
                 raise self._too_large()
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive)
                 raise self._too_large()
             return message
 
@@ -39,3 +49,18 @@ class BodyLimit:
         return HTTPException(
             status_code=413, detail=f"the request body is above this server's limit of {self.max_bytes} bytes"
         )
+
+
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_S = 5.0
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of a request's body, within the bounds."""
+    drained = 0
+    with anyio.move_on_after(DRAIN_S):
+        while drained < DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            drained += len(message.get("body", b""))

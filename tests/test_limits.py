@@ -1,6 +1,9 @@
 """Backpressure and outages: oversized bodies (413), oversized prompts (422), a full queue (429), Redis down (503)."""
 
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -126,3 +129,13 @@ def test_redis_down_answer_says_when_to_retry(redis_down_api: str) -> None:
     assert response.json() == {"detail": "the task queue (Redis) is unreachable; try again shortly"}
     assert int(response.headers["retry-after"]) > 0
 
+
+
+def test_a_client_that_sends_the_whole_body_before_reading_gets_the_413(api_url: str) -> None:
+    """Python's urllib writes all of an 8 MB body, then reads: it met a connection reset until the
+    API read and dropped the rest of a refused body before answering."""
+    body = b'{"prompt": "' + b"a" * (8 * DEFAULTS.max_request_bytes) + b'"}'
+    request = urllib.request.Request(f"{api_url}/generate", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413 and json.loads(caught.value.read())["detail"] == TOO_LARGE
