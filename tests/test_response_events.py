@@ -1,6 +1,6 @@
 """The Responses stream's numbering, as a pure function of a task's chunks (no Redis, no model)."""
 
-from app.openai.responses.events import FIRST_DELTA, ResponseEvents, Snapshot
+from app.openai.responses.events import FIRST_DELTA, ResponseEvents
 from app.openai.responses.protocol import OutputMessage, OutputText, Response
 
 ITEM = "msg_1"
@@ -16,7 +16,7 @@ def finished(text: str, status: str = "completed") -> Response:
 
 
 def run(chunks: list[str], end: Response, after: int = -1, earlier: int = 0, attempt: int = 1) -> list:
-    events = ResponseEvents(ITEM, Snapshot(BASE), after)
+    events = ResponseEvents(ITEM, BASE, after)
     assert events.rebase(attempt, earlier) is None
     out = events.start()
     for text in chunks:
@@ -53,16 +53,16 @@ def test_a_restarted_attempt_numbers_after_the_old_one_and_refuses_a_reader_of_i
     deltas = [e.sequence_number for e in restarted if e.type == "response.output_text.delta"]
     assert deltas == [FIRST_DELTA + 3 + 1]
     for seen in (5, 7, 8):  # read some of attempt 1's text, or the spare number of a broken stream
-        error = ResponseEvents(ITEM, Snapshot(BASE), seen).rebase(2, 3)
+        error = ResponseEvents(ITEM, BASE, seen).rebase(2, 3)
         assert error is not None and error.code == "answer_restarted" and error.sequence_number == 8
-    assert ResponseEvents(ITEM, Snapshot(BASE), 4).rebase(2, 3) is None, "no text read yet: nothing to join"
+    assert ResponseEvents(ITEM, BASE, 4).rebase(2, 3) is None, "no text read yet: nothing to join"
 
 
 def test_a_live_reader_meeting_a_new_attempt_gets_the_spare_number() -> None:
-    events = ResponseEvents(ITEM, Snapshot(BASE), -1)
+    events = ResponseEvents(ITEM, BASE, -1)
     events.rebase(1, 0)
     events.start()
     events.chunk("a")
     events.chunk("b")
     assert events.restarted().sequence_number == FIRST_DELTA + 2  # the spare before attempt 2's first delta
-    assert ResponseEvents(ITEM, Snapshot(BASE), FIRST_DELTA + 2).rebase(2, 2) is not None
+    assert ResponseEvents(ITEM, BASE, FIRST_DELTA + 2).rebase(2, 2) is not None

@@ -50,19 +50,21 @@ class Unsupported(BaseModel):
     suffix: str | None = None
 
     def first_used(self) -> str | None:
-        """The first option set to something other than its neutral value."""
         neutral: dict[str, object] = {
             "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False,
-            "logit_bias": {}, "tools": [], "functions": [], "tool_choice": "none",
+            "logit_bias": {}, "tools": [], "functions": [], "tool_choice": "none", "response_format": {"type": "text"},
         }
-        for name in Unsupported.model_fields:
-            value = getattr(self, name)
-            if value is None or value == neutral.get(name, object()):
-                continue
-            if name == "response_format" and value.get("type") == "text":
-                continue
+        return first_set(self, Unsupported, neutral)
+
+
+def first_set(request: BaseModel, options: type[BaseModel], neutral: dict[str, object]) -> str | None:
+    """The first of `options`' fields that `request` sets to something other than None or its
+    neutral value (the value that asks for nothing this server lacks)."""
+    for name in options.model_fields:
+        value = getattr(request, name)
+        if value is not None and value != neutral.get(name, object()):
             return name
-        return None
+    return None
 
 
 class Sampling(Unsupported):

@@ -43,12 +43,12 @@ TERMINAL = {"completed", "incomplete", "cancelled", "failed"}
 class ResponseEvents:
     """The events after `after` for one reader, fed the task's chunks as they come.
 
-    `snapshot(status)` gives the response as it stands before the end (no output yet).
+    `queued` is the response as it was queued: the snapshots before the end are copies of it.
     """
 
-    def __init__(self, item_id: str, snapshot: "Snapshot", after: int) -> None:
+    def __init__(self, item_id: str, queued: Response, after: int) -> None:
         self.item_id = item_id
-        self.snapshot = snapshot
+        self.queued = queued
         self.after = after
         self.attempt = 0
         self.base = FIRST_DELTA
@@ -78,7 +78,7 @@ class ResponseEvents:
 
     def start(self) -> list[Event]:
         return self._visible(
-            [ResponseEvent(type=f"response.{kind}", sequence_number=n, response=self.snapshot("queued"))
+            [ResponseEvent(type=f"response.{kind}", sequence_number=n, response=self.queued)
              for n, kind in enumerate(("created", "queued"))]
         )
 
@@ -117,12 +117,15 @@ class ResponseEvents:
         self.opened = True
         item = OutputMessage(id=self.item_id, status="in_progress", content=[])
         return [
-            ResponseEvent(type="response.in_progress", sequence_number=2, response=self.snapshot("in_progress")),
+            ResponseEvent(type="response.in_progress", sequence_number=2, response=self._in_progress()),
             OutputItemEvent(type="response.output_item.added", sequence_number=3, item=item),
             ContentPartEvent(
                 type="response.content_part.added", sequence_number=4, item_id=self.item_id, part=OutputText(text="")
             ),
         ]
+
+    def _in_progress(self) -> Response:
+        return self.queued.model_copy(update={"status": "in_progress"})
 
     def _next(self) -> int:
         return self.base + self.chunks
@@ -132,12 +135,3 @@ class ResponseEvents:
         self.last = max([self.last, *(event.sequence_number for event in shown)])
         return shown
 
-
-class Snapshot:
-    """Builds the response as it stands while the task runs: settings and status, no output yet."""
-
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-    def __call__(self, status: str) -> Response:
-        return self.response.model_copy(update={"status": status, "output": [], "usage": None})

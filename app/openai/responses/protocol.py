@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.openai.protocol import first_set
 from core.protocol import Text
 
 MAX_METADATA_KEYS = 16
@@ -59,13 +60,8 @@ class Unsupported(BaseModel):
     truncation: str | None = None
 
     def first_used(self) -> str | None:
-        """The first option set to something other than its neutral value."""
         neutral: dict[str, object] = {"tools": [], "tool_choice": "none", "include": [], "truncation": "disabled"}
-        for name in Unsupported.model_fields:
-            value = getattr(self, name)
-            if value is not None and value != neutral.get(name, object()):
-                return name
-        return None
+        return first_set(self, Unsupported, neutral)
 
 
 class ResponseCreateRequest(Unsupported):

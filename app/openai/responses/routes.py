@@ -20,7 +20,7 @@ from app.admission import admit, internal_request, with_defaults
 from app.deps import Services, ServicesDep
 from app.openai.errors import OpenAIError
 from app.openai.responses import convert
-from app.openai.responses.events import ResponseEvents, Snapshot
+from app.openai.responses.events import ResponseEvents
 from app.openai.responses.protocol import (
     ErrorEvent,
     Event,
@@ -129,7 +129,7 @@ async def _events(
 ) -> AsyncIterator[ServerSentEvent]:
     """The response's events after `after`, live; a client that leaves a plain (not background)
     streamed response cancels it, so that the model is freed at once."""
-    numbering = ResponseEvents(convert.item_id(task_id), Snapshot(convert.response(task_id, settings, None)), after)
+    numbering = ResponseEvents(convert.item_id(task_id), convert.response(task_id, settings, None), after)
     try:
         async for event in _numbered(services, task_id, settings, numbering):
             yield ServerSentEvent(event=event.type, raw_data=event.model_dump_json())
