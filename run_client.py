@@ -207,16 +207,12 @@ def fetch(client: httpx.Client, task_id: str, params: dict[str, str]) -> TaskVie
 def stream_text(views: Iterable[TaskView]) -> TaskView:
     """Write each new chunk as it arrives; the last view, which holds the result, is returned.
 
-    When a worker died and another took the task over (`attempt` went up), the answer restarts:
-    say so, so the reader knows the text that follows replaces what came before.
+    A worker that dies or stops mid-answer shows as a pause: the attempt that takes over goes on
+    after the last chunk written.
     """
     view: TaskView | None = None
     last_char = "\n"
-    attempt = 0
     for view in views:
-        if attempt and view.attempt > attempt:
-            print(f"\n[a worker stopped; attempt {view.attempt} restarts the answer]", file=sys.stderr, flush=True)
-        attempt = max(attempt, view.attempt)
         for chunk in view.chunks:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()

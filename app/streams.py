@@ -83,27 +83,20 @@ async def _over(client: redis.asyncio.Redis, task_id: str) -> bool:
 
 
 class StreamBroken(Exception):
-    """The answer cannot go on in this stream: the task failed, expired, or restarted its text."""
+    """The answer cannot go on in this stream: the task failed or expired."""
 
 
 async def texts_then_result(services: Services, task_id: str) -> AsyncIterator[str | TaskView]:
     """Each chunk's text as it comes, then the task's final view: for the routes that stream an answer.
 
-    A new attempt restarts the text (a worker died and another took over), which a client that
-    joins chunks would take as one answer: that, like a failed task, raises StreamBroken. A
-    client that goes away before the end (the iteration is abandoned) cancels the task, so the
-    model is freed at once.
+    A worker that dies or stops mid-answer changes nothing here: the attempt that takes the task
+    over goes on after the last chunk. A client that goes away before the end (the iteration is
+    abandoned) cancels the task, so the model is freed at once.
     """
-    attempt: int | None = None
     try:
         async for entry in follow(services.aredis, task_id):
             if entry.ended:
                 break
-            if attempt is not None and entry.attempt != attempt:
-                raise StreamBroken(
-                    f"a worker stopped and attempt {entry.attempt} restarted the answer; read it from /task/{task_id}"
-                )
-            attempt = entry.attempt
             yield entry.text or ""
         yield await final_view(services, task_id)
     except (GeneratorExit, anyio.get_cancelled_exc_class()):

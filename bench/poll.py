@@ -25,6 +25,7 @@ from core.protocol import GenerationResult, MemoryStats, Timings, Usage
 from core.store import TaskStore
 
 CHUNK = "a few more words, "  # about what a worker flushes every 4 tokens
+TOKENS = [264, 1151, 540, 2474]
 SIZES = (1, 256, 2500)
 
 
@@ -32,9 +33,9 @@ def finished_task(store: TaskStore, chunks: int) -> tuple[str, str]:
     """A succeeded task of `chunks` chunks, and its latest cursor."""
     task_id = str(uuid.uuid4())
     store.create(task_id)
-    attempt = store.start(task_id, "bench")
+    attempt = store.start(task_id, "bench", "{}").attempt
     for _ in range(chunks):
-        store.append_chunk(task_id, attempt, CHUNK)
+        store.append_chunk(task_id, attempt, CHUNK, TOKENS)
     result = GenerationResult(
         text=CHUNK * chunks, finish_reason="length", usage=Usage(prompt_tokens=10, completion_tokens=4 * chunks),
         timings=Timings(queued_s=0, time_to_first_token_s=0.1, generation_s=1, tokens_per_second=4 * chunks,

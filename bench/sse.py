@@ -105,7 +105,7 @@ def write_rounds(store: TaskStore, task_ids: list[str], rounds: int, round_s: fl
     next_at = time.perf_counter()
     for _ in range(rounds):
         for task_id in task_ids:
-            store.append_chunk(task_id, 1, f"{time.time():.6f}")
+            store.append_chunk(task_id, 1, f"{time.time():.6f}", [1, 2, 3, 4])
             next_at += gap_s
             time.sleep(max(0.0, next_at - time.perf_counter()))
 
@@ -115,7 +115,7 @@ async def fan_out(url: str, redis_url: str, streams: int, rounds: int) -> list[f
     task_ids = [str(uuid.uuid4()) for _ in range(streams)]
     for task_id in task_ids:
         store.create(task_id)
-        store.start(task_id, "bench")
+        store.start(task_id, "bench", "{}")
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:

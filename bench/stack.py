@@ -83,15 +83,15 @@ def plain_generate(loaded: LoadedModel, ids: list[int], tokens: int) -> float:
 
 def streamed_engine(engine: SequentialEngine, store: TaskStore, ids: list[int], tokens: int) -> float:
     """Our engine as a worker runs it: each chunk appended to a task's Redis stream, and after every token
-    the task's cancel and attempt checked in Redis; timed like plain generate, call to last chunk."""
+    the task's cancel flag and lease holder checked in Redis; timed like plain generate, call to last chunk."""
     task_id = f"bench-{uuid.uuid4()}"
     store.create(task_id)
-    attempt = store.start(task_id, "bench")
+    attempt = store.start(task_id, "bench", "{}").attempt
     started = time.perf_counter()
     outcome = engine.generate(
         ids,
         greedy(tokens),
-        on_chunk=lambda text: store.append_chunk(task_id, attempt, text),
+        on_chunk=lambda text, token_ids: store.append_chunk(task_id, attempt, text, token_ids),
         interruption=lambda: store.stop_reason(task_id, attempt),
     )
     elapsed = time.perf_counter() - started

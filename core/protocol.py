@@ -158,6 +158,12 @@ class TaskStatus(StrEnum):
 
 FinishReason = Literal["eos", "length", "stop", "cancelled", "timeout"]
 
+# Why an attempt stops without ending its task: another attempt holds the task now (`superseded`),
+# or its worker is stopping and gives the task back (`handed_back`). Either way the next attempt
+# goes on from the chunks published so far.
+SUPERSEDED = "superseded"
+HANDED_BACK = "handed_back"
+
 
 class Chunk(BaseModel):
     cursor: str = Field(description="Pass as ?after= to get only later chunks.")
@@ -168,7 +174,7 @@ class StreamedChunk(BaseModel):
     """A chunk as `GET /task/{id}/events` pushes it; the event's id is its cursor."""
 
     text: str
-    attempt: int = Field(description="The attempt that wrote it; a higher one restarts the answer.")
+    attempt: int = Field(description="The attempt that wrote it: a higher one took over and goes on with the answer.")
 
 
 class Usage(BaseModel):
@@ -208,10 +214,12 @@ class TaskView(BaseModel):
 
     task_id: str
     status: TaskStatus
-    attempt: int = Field(0, description="1 for the first run; higher when a worker died and another took over.")
+    attempt: int = Field(
+        0, description="1 for the first run; higher when a worker died or stopped and another went on with the answer."
+    )
     text: str | None = Field(
-        description="All text generated so far (in the current attempt); null on a poll with `after`, which "
-        "gets only the chunks since its cursor (poll once without it for the whole text)."
+        description="All text generated so far; null on a poll with `after`, which gets only the chunks since its "
+        "cursor (poll once without it for the whole text)."
     )
     chunks: list[Chunk] = Field(description="Chunks after the requested cursor (all without one), oldest first.")
     cursor: str = Field(description="The cursor to pass as ?after= next time.")

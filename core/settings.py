@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
@@ -53,13 +53,23 @@ class Settings(BaseSettings):
     worker_redis_retry_s: int = Field(
         30, ge=1, description="How long a running task waits for Redis to come back before it is requeued."
     )
+    lease_s: float = Field(
+        8.0, ge=1, description="A running task's lease: another worker takes it over once this passes unrenewed."
+    )
+    lease_renew_s: float = Field(2.0, gt=0, description="How often a worker renews the leases of its tasks.")
+
+    @model_validator(mode="after")
+    def _renewed_within_the_lease(self) -> "Settings":
+        if self.lease_renew_s >= self.lease_s:
+            raise ValueError(f"LEASE_RENEW_S ({self.lease_renew_s}) must be shorter than LEASE_S ({self.lease_s})")
+        return self
 
     @property
     def visibility_timeout_s(self) -> int:
         """How long Redis waits for a delivered task's ack before handing it to another worker.
 
-        It must exceed the longest generation (a shorter one would run a task twice at once), and
-        it is also how long a task whose worker was killed waits before it is delivered again.
+        The last resort behind the leases, for a task whose lease could not be reclaimed (its
+        request was lost with Redis's unsynced writes): it must exceed the longest generation.
         """
         return 2 * self.task_time_limit_s + 10
 

@@ -1,59 +1,132 @@
 """The task store in Redis, shared by the API (writes the record, reads progress) and the worker.
 
-Per task: a hash `task:{id}` (status, attempt, timestamps, result or error) and a stream
-`task:{id}:chunks` of text chunks (each with its attempt), closed by an `end` entry once the
-task has ended. Celery's own result backend is not used: it reports PENDING
-for ids it never saw and `update_state` overwrites, which would drop chunks. Stream entry ids
-are the cursors, so any number of pollers read from wherever they are. Both keys expire
-`result_ttl_s` after the last write, except that a queued task's record does not expire while
-its message waits in the queue, however long the backlog.
+Per task: a hash `task:{id}` (status, attempt, lease holder, timestamps, result or error) and a
+stream `task:{id}:chunks` of text chunks, each with the token ids it came from and the attempt
+that wrote it, closed by an `end` entry once the task has ended. Celery's own result backend is
+not used: it reports PENDING for ids it never saw and `update_state` overwrites, which would
+drop chunks. Stream entry ids are the cursors, so any number of pollers read from wherever they
+are. Both keys expire `result_ttl_s` after the last write, except that a queued task's record
+does not expire while its message waits in the queue, however long the backlog.
 
-A worker's writes are fenced by its attempt number: a task delivered twice at once (a broker
-connection blip can do that) has its stream restarted by the newer attempt, and the older one's
-chunks and result are dropped, so no poller sees text from two attempts.
+Leases: a running task is held by one attempt, whose worker renews the lease (a deadline in the
+sorted set `tasks:leases`, on Redis's clock) every few seconds. Only the holder may write: a
+worker that was frozen or cut off, and whose lease another worker has reclaimed, has its chunks
+and result dropped and learns that it was superseded. A delivery of a task that is held is a
+duplicate and is not run. The chunks stay when a lease changes hands: the next attempt feeds the
+published tokens after the prompt and goes on, so the text and cursors a reader has seen stay
+valid.
 """
 
 import json
 import time
+from dataclasses import dataclass
 
 import redis
 from redis.commands.core import Script
 
-from core.protocol import NOT_COMPLETED, Chunk, GenerationResult, TaskStatus, TaskView
+from core.protocol import NOT_COMPLETED, SUPERSEDED, Chunk, GenerationResult, TaskStatus, TaskView
 from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
 START_CURSOR = "0-0"
+LEASES_KEY = "tasks:leases"
+# A record whose message was never sent (the API died in between) expires after this.
+UNSENT_TTL_S = 600
 
+# Redis's own clock in milliseconds: every lease deadline is set and read on it, so the workers'
+# clocks need not agree.
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
 
-SUPERSEDED = "superseded"
+# KEYS: record, leases. ARGV: task id, ttl, lease ms, started_at, then field/value pairs.
+# Starts an attempt when the task is queued, or running with nobody holding it (its lease was
+# reclaimed or handed back): counts the attempt up, makes it the holder and grants its lease, in
+# one step, so two deliveries that start at once cannot both hold the task. Returns {status
+# found, attempt, attempts handed back, first started_at}; 'held' as the status when another
+# attempt holds a live lease (the delivery is a duplicate).
+_START_LUA = _NOW_MS + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status ~= 'queued' and status ~= 'running' then return {status, 0, 0, '0'} end
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder and holder ~= '0' then return {'held', tonumber(holder), 0, '0'} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'holder', attempt, unpack(ARGV, 5))
+redis.call('HSETNX', KEYS[1], 'first_started_at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[1])
+local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
+return {status, attempt, handed_back, redis.call('HGET', KEYS[1], 'first_started_at')}
+"""
 
-# KEYS: record, chunks. ARGV: allowed statuses (comma-separated), ttl, new attempt (0/1), the
-# attempt that must be current ('' for any), then field/value pairs. Applies the fields only if
-# the current status is allowed and the attempt matches; a status that ends the task also ends
-# its stream with an `end` entry, so readers blocked on the stream learn of it at once. Returns
-# {status found, attempt after},
-# with 'superseded' as the status when another attempt has taken the task over. The attempt
-# comes back from the same script that counted it up, so two deliveries that start at once
-# cannot both read the newer number.
+# KEYS: record, chunks, leases. ARGV: task id, allowed statuses (comma-separated), ttl, the attempt
+# that must hold the task ('' for any, '0' for nobody), then field/value pairs. Applies the fields
+# only if the current status is allowed and the holder matches; a status that ends the task also
+# drops its lease and its stored request, and ends its stream with an `end` entry, so readers
+# blocked on the stream learn of it at once. Returns the status found, or 'superseded' when the
+# holder did not match.
 _TRANSITION_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if not string.find(',' .. ARGV[1] .. ',', ',' .. status .. ',', 1, true) then return {status, attempt} end
-if ARGV[4] ~= '' and tostring(attempt) ~= ARGV[4] then return {'superseded', attempt} end
-if ARGV[3] == '1' then
-  attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-  redis.call('HINCRBY', KEYS[1], 'earlier_chunks', redis.call('XLEN', KEYS[2]))
-  redis.call('DEL', KEYS[2])
-end
+if not string.find(',' .. ARGV[2] .. ',', ',' .. status .. ',', 1, true) then return status end
+if ARGV[4] ~= '' and (redis.call('HGET', KEYS[1], 'holder') or '0') ~= ARGV[4] then return 'superseded' end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 local now = redis.call('HGET', KEYS[1], 'status')
 if now == 'succeeded' or now == 'failed' or now == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'holder', '0')
+  redis.call('HDEL', KEYS[1], 'request')
+  redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('XADD', KEYS[2], '*', 'end', now)
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-return {status, attempt}
+return status
+"""
+
+# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids. Appends only while that attempt holds the task.
+_APPEND_LUA = """
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: leases, then each held task's record. ARGV: lease ms, then task id and attempt per record.
+# Extends each lease its attempt still holds; returns the ids of those it no longer holds.
+_RENEW_LUA = _NOW_MS + """
+local lost = {}
+for i = 2, #KEYS do
+  local id, attempt = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[i], 'holder') == attempt then
+    redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[1]), id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+# KEYS: record, leases. ARGV: task id, attempt ('' for whoever holds it, once its lease has lapsed),
+# whether to count it as a clean hand back (1) or not (0). Lets go of a running task: nobody holds
+# it, so the next delivery starts it. Returns the stored request (to send that delivery), or false
+# when there is nothing to let go of (another attempt holds it, it ended, or its lease is live).
+_RELEASE_LUA = _NOW_MS + """
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or not holder or holder == '0' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+if ARGV[2] == '' then
+  local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if deadline and tonumber(deadline) > now_ms then return false end
+elseif holder ~= ARGV[2] then
+  return false
+end
+redis.call('HSET', KEYS[1], 'holder', '0')
+if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'handed_back', 1) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HGET', KEYS[1], 'request') or false
 """
 
 # KEYS: record. Takes the expiry off a record that is still queued (one a worker has started
@@ -64,22 +137,19 @@ return 0
 """
 
 # KEYS: record, chunks. ARGV: where the range starts ('-', or '(<cursor>' for the entries after a
-# cursor). Both in one read, so a view never pairs one attempt's record with another's chunks; a
-# script rather than MULTI, because Redis refuses a MULTI while it is out of memory and reading
-# should go on then.
+# cursor). Both in one read, so a view never pairs a record with chunks written after it; a script
+# rather than MULTI, because Redis refuses a MULTI while it is out of memory and reading should go
+# on then. The stored request stays behind: a poll has no use for the prompt.
 _VIEW_LUA = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
-"""
-
-# A record whose message was never sent (the API died in between) expires after this.
-UNSENT_TTL_S = 600
-
-# KEYS: record, chunks. ARGV: attempt, ttl, text. Appends only while that attempt is current.
-_APPEND_LUA = """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'attempt', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
+local record = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] ~= 'request' then
+    table.insert(record, fields[i])
+    table.insert(record, fields[i + 1])
+  end
+end
+return {record, redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
 """
 
 
@@ -92,15 +162,46 @@ def chunks_key(task_id: str) -> str:
     return f"task:{task_id}:chunks"
 
 
+@dataclass(frozen=True)
+class Started:
+    """What `start` found. `attempt` 0 means do not run this delivery: `found` says why (None for an
+    unknown or expired task, 'held' while another attempt holds it, else the status it ended with)."""
+
+    attempt: int
+    found: str | None
+    handed_back: int = 0
+    first_started_at: float = 0.0
+    started_at: float = 0.0
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against MAX_ATTEMPTS: a stopping worker's clean hand back does not."""
+        return self.attempt - self.handed_back
+
+
+@dataclass(frozen=True)
+class Published:
+    """What earlier attempts of a task published: where a new attempt takes the answer up."""
+
+    token_ids: list[int]
+    text: str
+    first_chunk_at: float | None  # on Redis's clock (the first entry's id), None before any chunk
+
+
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl_s: int, retry_s: float = 0) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, retry_s: float = 0, lease_s: float = 8.0) -> None:
         """`retry_s`: how long a script that meets a transient error (out of memory, READONLY) is
-        retried, as the client itself retries plain commands; 0 raises at once (the API's 503)."""
+        retried, as the client itself retries plain commands; 0 raises at once (the API's 503).
+        `lease_s`: how long a started or renewed lease lasts."""
         self.redis = client
         self.ttl_s = ttl_s
         self.retry_s = retry_s
+        self.lease_ms = round(lease_s * 1000)
+        self._start_script = client.register_script(_START_LUA)
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._append_script = client.register_script(_APPEND_LUA)
+        self._renew_script = client.register_script(_RENEW_LUA)
+        self._release_script = client.register_script(_RELEASE_LUA)
         self._hold_script = client.register_script(_HOLD_LUA)
         self._view_script = client.register_script(_VIEW_LUA)
 
@@ -141,69 +242,118 @@ class TaskStore:
         value = self.redis.hget(record_key(task_id), "annotation")
         return value.decode() if value is not None else None
 
-    def stream_origin(self, task_id: str) -> tuple[int, int] | None:
-        """The current attempt, and how many chunks earlier attempts published before a restart
-        dropped them: a reader that numbers chunks across attempts starts this attempt's there, so
-        its numbers never go back. None for an unknown task."""
-        status, attempt, earlier = self.redis.hmget(record_key(task_id), ["status", "attempt", "earlier_chunks"])
-        return (int(attempt or 0), int(earlier or 0)) if status is not None else None
-
     def delete(self, task_id: str) -> None:
-        self.redis.delete(record_key(task_id), chunks_key(task_id))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(record_key(task_id), chunks_key(task_id))
+        pipe.zrem(LEASES_KEY, task_id)
+        pipe.execute()
 
     def enqueued_at(self, task_id: str) -> float | None:
         value = self.redis.hget(record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
-    def start(self, task_id: str, worker: str) -> int:
-        """Mark the task running and return its attempt number; 0 means do not run it (cancelled or expired).
+    def start(self, task_id: str, worker: str, request: str) -> Started:
+        """Hold the task under a new attempt with a fresh lease, unless another attempt holds it.
 
-        A task found `running` was delivered again after its worker died: the attempt number goes
-        up and its chunk stream starts afresh, so no poller sees text from two attempts.
+        `request` is the task's payload as it was sent: kept while the task runs, so whichever
+        worker reclaims a lapsed lease can send the task on again.
         """
-        fields = {"status": TaskStatus.running, "started_at": time.time(), "worker": worker}
-        before, attempt = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, new_attempt=True)
-        return attempt if before in (TaskStatus.queued, TaskStatus.running) else 0
+        now = time.time()
+        fields = {"status": TaskStatus.running, "started_at": now, "worker": worker, "request": request}
+        args: list[object] = [task_id, self.ttl_s, self.lease_ms, now]
+        for key, value in fields.items():
+            args += [key, str(value)]
+        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY], args)
+        if not found:
+            return Started(attempt=0, found=None)
+        status, attempt, handed_back, first_started_at = found
+        if status.decode() not in (TaskStatus.queued, TaskStatus.running):
+            return Started(attempt=0, found=status.decode())
+        return Started(attempt, status.decode(), handed_back, float(first_started_at), now)
+
+    def published(self, task_id: str) -> Published:
+        """The token ids and text of every chunk so far: what the attempt now holding the task goes on from.
+
+        Read after `start`, once no earlier attempt can append any more.
+        """
+        entries = self.redis.xrange(chunks_key(task_id))
+        token_ids: list[int] = []
+        text = []
+        for _, fields in entries:
+            if b"text" in fields:
+                token_ids += [int(t) for t in fields.get(b"tokens", b"").split()]
+                text.append(fields[b"text"].decode())
+        first = int(entries[0][0].split(b"-")[0]) / 1000 if entries else None
+        return Published(token_ids, "".join(text), first)
+
+    def renew(self, held: dict[str, int]) -> list[str]:
+        """Extend the lease of each task (id: attempt) this worker holds; returns those it no longer holds."""
+        if not held:
+            return []
+        keys = [LEASES_KEY] + [record_key(task_id) for task_id in held]
+        args: list[object] = [self.lease_ms]
+        for task_id, attempt in held.items():
+            args += [task_id, attempt]
+        return [task_id.decode() for task_id in self._eval(self._renew_script, keys, args)]
+
+    def release(self, task_id: str, attempt: int, clean: bool) -> str | None:
+        """The holder lets go of the task: returns its request, to send again; None when the attempt
+        no longer holds it. `clean` (its worker is stopping) is counted apart from other attempts,
+        so that restarting workers never uses up a task's MAX_ATTEMPTS."""
+        return self._release(task_id, str(attempt), clean)
+
+    def reclaim_lapsed(self, task_id: str) -> str | None:
+        """Take the task from a holder whose lease has lapsed (dead, frozen or cut off), so that
+        another worker runs it: returns its request, to send again; None if its lease is live again,
+        or someone else reclaimed it first."""
+        return self._release(task_id, "", clean=False)
+
+    def lapsed(self, limit: int = 16) -> list[str]:
+        """Tasks whose lease deadline has passed on Redis's clock, the longest lapsed first."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(LEASES_KEY, 0, limit - 1, withscores=True)
+        (seconds, micros), earliest = pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        return [task_id.decode() for task_id, deadline in earliest if deadline <= now_ms]
 
     def stop_reason(self, task_id: str, attempt: int) -> str | None:
-        """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' by a newer attempt.
-
-        One round trip, asked after every token.
-        """
-        cancel, current = self.redis.hmget(record_key(task_id), ["cancel_requested", "attempt"])
+        """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' when it no longer
+        holds the task. One round trip, asked after every token."""
+        cancel, holder = self.redis.hmget(record_key(task_id), ["cancel_requested", "holder"])
         if cancel is not None:
             return "cancelled"
-        return SUPERSEDED if current != str(attempt).encode() else None
+        return SUPERSEDED if holder != str(attempt).encode() else None
 
     def request_cancel(self, task_id: str) -> TaskStatus | None:
-        """Cancel a queued task at once, or flag a running one for its worker; returns the status found.
-
-        None means no such task; a finished status means nothing was changed.
-        """
+        """Cancel a task nobody runs at once (queued, or between two workers); flag a held one for
+        its worker. Returns the status found: None means no such task; a finished status means
+        nothing was changed."""
         cancelled = {"status": TaskStatus.cancelled, "finish_reason": "cancelled"}
-        before, _ = self._transition(task_id, {TaskStatus.queued}, cancelled)
-        if before == TaskStatus.running:
-            before, _ = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
+        before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, cancelled, holder=0)
+        if before == SUPERSEDED:  # an attempt holds it: its worker stops at its next token
+            before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
         return TaskStatus(before) if before else None
 
-    def append_chunk(self, task_id: str, attempt: int, text: str) -> bool:
-        """Append to the stream while `attempt` is the task's current one; False when it no longer is."""
+    def append_chunk(self, task_id: str, attempt: int, text: str, token_ids: list[int]) -> bool:
+        """Append to the stream while `attempt` holds the task; False when it no longer does."""
         keys = [record_key(task_id), chunks_key(task_id)]
-        return bool(self._eval(self._append_script, keys, [attempt, self.ttl_s, text]))
+        tokens = " ".join(map(str, token_ids))
+        return bool(self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens]))
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:
         """Store the text and stats; a task that was stopped by a cancel ends `cancelled`.
 
-        False when a newer attempt has taken the task over (its result is the one that counts).
+        False when `attempt` no longer holds the task (another attempt's result is the one that counts).
         """
         status = TaskStatus.cancelled if result.finish_reason == "cancelled" else TaskStatus.succeeded
         fields = {"status": status, "result": result.model_dump_json()}
-        return self._transition(task_id, {TaskStatus.running}, fields, attempt=attempt)[0] == TaskStatus.running
+        return self._transition(task_id, {TaskStatus.running}, fields, holder=attempt) == TaskStatus.running
 
     def fail(self, task_id: str, error: str, attempt: int | None = None) -> None:
-        """End the task `failed`, unless it has already ended or (given `attempt`) a newer attempt runs it."""
+        """End the task `failed`, unless it has already ended or (given `attempt`) another attempt holds it."""
         fields = {"status": TaskStatus.failed, "error": error}
-        self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, attempt=attempt)
+        self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, holder=attempt)
 
     def fail_unreadable(self, task_id: str, error: str) -> None:
         """End the task `failed` after Redis refused its writes for good (its stream key holds
@@ -227,28 +377,24 @@ class TaskStore:
         entries = [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in raw_entries]
         return _to_view(task_id, record, entries, after)
 
+    def _release(self, task_id: str, attempt: str, clean: bool) -> str | None:
+        found = self._eval(self._release_script, [record_key(task_id), LEASES_KEY], [task_id, attempt, int(clean)])
+        return found.decode() if found else None
+
     def _transition(
-        self,
-        task_id: str,
-        allowed: set[TaskStatus],
-        fields: dict[str, object],
-        new_attempt: bool = False,
-        attempt: int | None = None,
-    ) -> tuple[str | None, int]:
-        """Compare-and-set in one Lua call, so the API's cancel and the worker's start cannot interleave.
+        self, task_id: str, allowed: set[TaskStatus], fields: dict[str, object], holder: int | None = None
+    ) -> str | None:
+        """Compare-and-set in one Lua call, so the API's cancel and the worker's writes cannot interleave.
 
         Returns the status found (the fields were applied if it is in `allowed`), SUPERSEDED when
-        `attempt` is no longer current, None for an unknown task; and the task's attempt number
-        once the script has run (0 for an unknown task).
+        the task is not held by `holder` (0: by nobody), None for an unknown task.
         """
-        args: list[object] = [",".join(sorted(allowed)), self.ttl_s, int(new_attempt), attempt or ""]
+        args: list[object] = [task_id, ",".join(sorted(allowed)), self.ttl_s, "" if holder is None else holder]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._eval(self._transition_script, [record_key(task_id), chunks_key(task_id)], args)
-        if not found:
-            return None, 0
-        status, current = found
-        return status.decode(), int(current)
+        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY]
+        found = self._eval(self._transition_script, keys, args)
+        return found.decode() if found else None
 
     def _eval(self, script: Script, keys: list[str], args: list[object]) -> object:
         """Run a script, retrying for `retry_s` the transient errors that Redis reports from inside

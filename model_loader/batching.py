@@ -23,7 +23,6 @@ import math
 import queue
 import threading
 import uuid
-from collections.abc import Callable
 from typing import NoReturn
 
 from transformers import GenerationConfig
@@ -37,7 +36,9 @@ from model_loader.engine import (
     EngineRestarted,
     FlushPolicy,
     Interruption,
+    OnChunk,
     Outcome,
+    Resume,
     SamplingParams,
     TokenSink,
     decoder,
@@ -76,24 +77,30 @@ class BatchingEngine:
         self,
         input_ids: list[int],
         params: SamplingParams,
-        on_chunk: Callable[[str], None],
+        on_chunk: OnChunk,
         interruption: Interruption = never,
+        resume: Resume = Resume(),
     ) -> Outcome:
         if params.seed is not None or params.repetition_penalty != 1.0:
             raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 (batched decoding lacks them)")
         sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
+        sink.resume(resume)
+        if left := sink.tokens_left(params, self._eos_ids):
+            self._run(input_ids + resume.token_ids, params, left, sink)
+        sink.close()
+        return sink.outcome(len(input_ids), self._eos_ids, self.loaded.device)
+
+    def _run(self, input_ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
         manager = self._running_manager()
-        request_id, outputs = self._submit(manager, input_ids, params)
+        request_id, outputs = self._submit(manager, input_ids, params, max_new_tokens)
         try:
-            last = self._consume(manager, request_id, outputs, sink)
+            self._consume(manager, request_id, outputs, sink)
         except BaseException:
             manager.cancel_request(request_id)  # so the batch does not go on decoding it for nobody
             raise
         finally:
             with self._queues_lock:
                 self._queues.pop(request_id, None)
-        sink.close()
-        return sink.outcome(len(input_ids), last, self._eos_ids, self.loaded.device)
 
     def close(self) -> None:
         """Stop the decoding thread, so the worker process can exit."""
@@ -126,7 +133,7 @@ class BatchingEngine:
             return self._manager
 
     def _submit(
-        self, manager: ContinuousBatchingManager, input_ids: list[int], params: SamplingParams
+        self, manager: ContinuousBatchingManager, input_ids: list[int], params: SamplingParams, max_new_tokens: int
     ) -> tuple[str, queue.Queue[GenerationOutput]]:
         request_id = uuid.uuid4().hex
         outputs: queue.Queue[GenerationOutput] = queue.Queue()
@@ -135,7 +142,7 @@ class BatchingEngine:
         manager.add_request(
             input_ids,
             request_id=request_id,
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             streaming=True,
             eos_token_id=self._eos_ids,
             **self._per_request_sampling(params),
@@ -148,30 +155,30 @@ class BatchingEngine:
         request_id: str,
         outputs: queue.Queue[GenerationOutput],
         sink: TokenSink,
-    ) -> int | None:
+    ) -> None:
         """Feed each new token to the sink until the request finishes or the sink says stop."""
-        seen: list[int] = []
+        seen = 0
         while True:
             try:
                 output = outputs.get(timeout=OUTPUT_WAIT_S)
             except queue.Empty:
                 if not manager.is_running():
-                    self._restarted(f"its decoding thread stopped after {len(seen)} tokens")
+                    self._restarted(f"its decoding thread stopped after {seen} tokens")
                 if sink.poll_interruption():
                     manager.cancel_request(request_id)
-                    return seen[-1] if seen else None
+                    return
                 continue
             if output.error:
                 if not manager.is_running():
                     self._restarted(f"the batch failed: {output.error}")
                 raise RuntimeError(f"generation failed: {output.error}")
-            for token in output.generated_tokens[len(seen) :]:
-                seen.append(token)
+            for token in output.generated_tokens[seen:]:
+                seen += 1
                 if sink.add(token):
                     manager.cancel_request(request_id)
-                    return token
+                    return
             if output.is_finished():
-                return seen[-1] if seen else None
+                return
 
     def _restarted(self, why: str) -> NoReturn:
         """Start the engine afresh for the requests that come next, and hand this one back."""

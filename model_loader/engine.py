@@ -1,8 +1,10 @@
 """The generation engine's contract and the parts both engines share.
 
-A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback and an
-`interruption` check (why generation must end now, if it must: "cancelled", "timeout"); it gets
-back an `Outcome`. `SequentialEngine` runs one generation at a time
+A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback (text and the
+token ids it came from) and an `interruption` check (why generation must end now, if it must:
+"cancelled", "timeout", or "superseded" and "handed_back", after which another attempt goes on);
+it gets back an `Outcome`. A `Resume` takes up an answer an earlier attempt began: its tokens
+follow the prompt, and generation goes on after them. `SequentialEngine` runs one generation at a time
 with `model.generate`; `BatchingEngine` batches the decoding steps of concurrent tasks on the
 same model. Both feed tokens through a `TokenSink`, so streaming, stop strings and cancellation
 behave the same in either.
@@ -16,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from core.protocol import HANDED_BACK, SUPERSEDED
 from core.settings import Settings
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream
@@ -51,6 +54,15 @@ class Outcome:
 
 
 Interruption = Callable[[], str | None]
+OnChunk = Callable[[str, list[int]], object]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """An answer earlier attempts began: the token ids they published and the text of those chunks."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 class EngineRestarted(RuntimeError):
@@ -83,8 +95,9 @@ class Engine(Protocol):
         self,
         input_ids: list[int],
         params: SamplingParams,
-        on_chunk: Callable[[str], None],
+        on_chunk: OnChunk,
         interruption: Interruption = ...,
+        resume: Resume = ...,
     ) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -96,30 +109,46 @@ class TokenSink:
 
     Publishing every few tokens or milliseconds (not every token, and not from another thread)
     keeps streaming from slowing decoding down; the first token is published at once, since the
-    time to the first text is what a reader waits on most.
+    time to the first text is what a reader waits on most. Each chunk carries the ids of the
+    tokens added since the one before, so that another attempt can take the answer up from them.
     """
 
     stream: TextStream
-    on_chunk: Callable[[str], None]
+    on_chunk: OnChunk
     interruption: Interruption
     flush: FlushPolicy
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     tokens: int = 0
+    last_token: int | None = None
     interrupted: str | None = None
-    _unflushed: int = 0
+    _unpublished_ids: list[int] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.perf_counter)
+
+    def resume(self, resume: Resume) -> None:
+        """Start where earlier attempts stopped: their tokens count towards the answer's."""
+        self.stream.resume(resume.token_ids, resume.text)
+        self.tokens = len(resume.token_ids)
+        self.last_token = resume.token_ids[-1] if resume.token_ids else None
+
+    def tokens_left(self, params: SamplingParams, eos: list[int]) -> int:
+        """How many more tokens to generate: none once a resumed answer has already ended."""
+        if self.stream.stopped or self.last_token in eos:
+            return 0
+        return max(0, params.max_new_tokens - self.tokens)
 
     def add(self, token_id: int) -> bool:
         """Returns True when generation should end here: a stop string appeared, or an interruption."""
         now = time.perf_counter()
-        if self.first_token_at is None:
+        first = self.first_token_at is None
+        if first:
             self.first_token_at = now
         self.tokens += 1
+        self.last_token = token_id
         self.stream.add(token_id)
-        self._unflushed += 1
-        due = self._unflushed >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s
-        if self.tokens == 1 or due:
+        self._unpublished_ids.append(token_id)
+        due = len(self._unpublished_ids) >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s
+        if first or due:
             self._publish(self.stream.take_publishable())
         return self.stream.stopped or self.poll_interruption()
 
@@ -128,13 +157,17 @@ class TokenSink:
         return self.interrupted is not None
 
     def close(self) -> None:
-        """Generation ended: everything held back is final now."""
-        self._publish(self.stream.take_rest())
+        """Generation ended: everything held back is final now, unless another attempt goes on
+        with the answer (which may yet cut held-back text at a stop string)."""
+        if self.interrupted in (SUPERSEDED, HANDED_BACK):
+            self._publish(self.stream.take_publishable())
+        else:
+            self._publish(self.stream.take_rest())
 
-    def outcome(self, prompt_tokens: int, last_token: int | None, eos_ids: list[int], device: torch.device) -> Outcome:
+    def outcome(self, prompt_tokens: int, eos_ids: list[int], device: torch.device) -> Outcome:
         return Outcome(
             text=self.stream.text,
-            finish_reason=self._finish_reason(last_token, eos_ids),
+            finish_reason=self._finish_reason(eos_ids),
             prompt_tokens=prompt_tokens,
             completion_tokens=self.tokens,
             time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
@@ -143,20 +176,20 @@ class TokenSink:
             stop_string=self.stream.stopped_by,
         )
 
-    def _finish_reason(self, last_token: int | None, eos_ids: list[int]) -> str:
+    def _finish_reason(self, eos_ids: list[int]) -> str:
         if self.stream.stopped:
             return "stop"
         if self.interrupted:
             return self.interrupted
-        if last_token is not None and last_token in eos_ids:
+        if self.last_token is not None and self.last_token in eos_ids:
             return "eos"
         return "length"
 
     def _publish(self, chunk: str) -> None:
-        self._unflushed = 0
         self._last_flush = time.perf_counter()
         if chunk:
-            self.on_chunk(chunk)
+            self.on_chunk(chunk, self._unpublished_ids)
+            self._unpublished_ids = []
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

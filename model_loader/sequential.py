@@ -6,12 +6,22 @@ model for the cores (a `TextIteratorStreamer` thread ran at 0.6x of plain `gener
 """
 
 import threading
-from collections.abc import Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from model_loader.engine import FlushPolicy, Interruption, Outcome, SamplingParams, TokenSink, decoder, eos_ids, never
+from model_loader.engine import (
+    FlushPolicy,
+    Interruption,
+    OnChunk,
+    Outcome,
+    Resume,
+    SamplingParams,
+    TokenSink,
+    decoder,
+    eos_ids,
+    never,
+)
 from model_loader.loader import LoadedModel
 from model_loader.streaming import TextStream
 
@@ -39,11 +49,12 @@ class SequentialEngine:
         self,
         input_ids: list[int],
         params: SamplingParams,
-        on_chunk: Callable[[str], None],
+        on_chunk: OnChunk,
         interruption: Interruption = never,
+        resume: Resume = Resume(),
     ) -> Outcome:
         with self._lock, torch.inference_mode():
-            return self._generate(input_ids, params, on_chunk, interruption)
+            return self._generate(input_ids, params, on_chunk, interruption, resume)
 
     @property
     def ready(self) -> bool:
@@ -57,8 +68,9 @@ class SequentialEngine:
         self,
         input_ids: list[int],
         params: SamplingParams,
-        on_chunk: Callable[[str], None],
+        on_chunk: OnChunk,
         interruption: Interruption,
+        resume: Resume,
     ) -> Outcome:
         device = self.loaded.device
         if device.type == "cuda":
@@ -66,25 +78,26 @@ class SequentialEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        ids = torch.tensor([input_ids], device=device)
-        output = self.loaded.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink)]),
-            pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
-            eos_token_id=self._eos_ids,
-            **_sampling_kwargs(params),
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sink.resume(resume)
+        if left := sink.tokens_left(params, self._eos_ids):
+            ids = torch.tensor([input_ids + resume.token_ids], device=device)
+            self.loaded.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink)]),
+                pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
+                eos_token_id=self._eos_ids,
+                **_sampling_kwargs(params, left),
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         sink.close()
-        last = int(output[0, -1]) if output.shape[1] > len(input_ids) else None
-        return sink.outcome(len(input_ids), last, self._eos_ids, device)
+        return sink.outcome(len(input_ids), self._eos_ids, device)
 
 
-def _sampling_kwargs(params: SamplingParams) -> dict[str, object]:
+def _sampling_kwargs(params: SamplingParams, max_new_tokens: int) -> dict[str, object]:
     """`generate`'s arguments; temperature 0 means greedy, top_k 0 means no top-k."""
-    common = {"max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty}
+    common = {"max_new_tokens": max_new_tokens, "repetition_penalty": params.repetition_penalty}
     if params.temperature == 0:
         return common | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return common | {

@@ -36,6 +36,17 @@ class TextStream:
         self.text += delta
         self._cut_at_stop(search_from)
 
+    def resume(self, token_ids: Sequence[int], published: str) -> None:
+        """Take up an answer another attempt began: replay its tokens (text and stop strings come
+        out as they did for it), with the first `published` characters already out. Text it held
+        back is held back still, so a stop string that spans the takeover is found and cut as if
+        one attempt had written it all."""
+        for token_id in token_ids:
+            self.add(token_id)
+        if not self.text.startswith(published):
+            raise ValueError("the published text does not decode from its tokens: was it written by another model?")
+        self.published = len(published)
+
     def take_publishable(self) -> str:
         """The text not yet published that no later token or stop string can change."""
         end = len(self.text) if self.stopped else len(self.text) - self._stop_prefix_len()

@@ -46,7 +46,7 @@ def test_a_dead_decoding_thread_hands_its_requests_back_and_the_engine_serves_on
     def long_generation() -> None:
         try:
             engine.generate(prompt_ids(engine.loaded, "Tell me a long story."), SAMPLING,
-                            on_chunk=lambda _: streaming.set())
+                            on_chunk=lambda *_: streaming.set())
         except BaseException as exc:  # noqa: BLE001 (the test inspects it)
             failures.append(exc)
 
@@ -61,5 +61,5 @@ def test_a_dead_decoding_thread_hands_its_requests_back_and_the_engine_serves_on
     assert engine.ready, "the engine did not start again"
     after = engine.generate(prompt_ids(engine.loaded, "What is the capital of France?"),
                             SamplingParams(max_new_tokens=8, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0),
-                            on_chunk=lambda _: None)
+                            on_chunk=lambda *_: None)
     assert "Paris" in after.text

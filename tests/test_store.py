@@ -1,4 +1,5 @@
-"""The task store against a real redis-server: the compare-and-set steps that workers race on."""
+"""The task store against a real redis-server: the compare-and-set steps that workers race on,
+and leases changing hands."""
 
 import threading
 import uuid
@@ -7,17 +8,31 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from core.protocol import TaskStatus
 from core.store import TaskStore
+from devstack.processes import wait_until
 
 DELIVERIES = 8
 ROUNDS = 20
+LEASE_S = 0.3
 
 
 @pytest.fixture
-def store(redis_server: str) -> Iterator[TaskStore]:
+def client(redis_server: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server)
-    yield TaskStore(client, ttl_s=600)
+    yield client
     client.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> TaskStore:
+    return TaskStore(client, ttl_s=600, lease_s=LEASE_S)
+
+
+def new_task(store: TaskStore) -> str:
+    task_id = str(uuid.uuid4())
+    store.create(task_id)
+    return task_id
 
 
 def start_together(store: TaskStore, task_id: str, deliveries: int) -> list[int]:
@@ -28,7 +43,7 @@ def start_together(store: TaskStore, task_id: str, deliveries: int) -> list[int]
 
     def deliver(n: int) -> None:
         barrier.wait()
-        attempt = store.start(task_id, f"worker-{n}")
+        attempt = store.start(task_id, f"worker-{n}", "{}").attempt
         with lock:
             attempts.append(attempt)
 
@@ -40,9 +55,56 @@ def start_together(store: TaskStore, task_id: str, deliveries: int) -> list[int]
     return attempts
 
 
-def test_deliveries_that_start_at_once_each_get_their_own_attempt(store: TaskStore) -> None:
-    """Were the attempt read back apart from the increment, two deliveries could both run as the newest."""
+def test_deliveries_that_start_at_once_leave_one_holder(store: TaskStore) -> None:
+    """Were the holder checked apart from the grant, two deliveries could both run the task."""
     for _ in range(ROUNDS):
-        task_id = str(uuid.uuid4())
-        store.create(task_id)
-        assert sorted(start_together(store, task_id, DELIVERIES)) == list(range(1, DELIVERIES + 1))
+        assert sorted(start_together(store, new_task(store), DELIVERIES)) == [0] * (DELIVERIES - 1) + [1]
+
+
+def lapse(store: TaskStore, task_id: str) -> None:
+    wait_until(lambda: task_id in store.lapsed(limit=10_000), 10, "the lease to lapse")
+
+
+def test_a_lapsed_lease_is_reclaimed_once_and_the_next_attempt_goes_on_from_the_published_tokens(
+    store: TaskStore,
+) -> None:
+    task_id = new_task(store)
+    first = store.start(task_id, "a", '{"prompt": "hi"}')
+    assert store.append_chunk(task_id, first.attempt, "Hello", [1, 2])
+    assert store.start(task_id, "b", "{}").found == "held", "a duplicate delivery ran beside the holder"
+    lapse(store, task_id)
+
+    assert store.reclaim_lapsed(task_id) == '{"prompt": "hi"}'
+    assert store.reclaim_lapsed(task_id) is None, "reclaimed twice"
+    assert not store.append_chunk(task_id, first.attempt, " stale", [3]), "the old holder still writes"
+    assert store.stop_reason(task_id, first.attempt) == "superseded"
+    assert store.renew({task_id: first.attempt}) == [task_id]
+
+    second = store.start(task_id, "b", '{"prompt": "hi"}')
+    assert second.attempt == 2 and second.first_started_at == first.first_started_at
+    assert store.published(task_id).token_ids == [1, 2] and store.published(task_id).text == "Hello"
+    assert store.renew({task_id: second.attempt}) == []
+
+
+def test_a_clean_hand_back_does_not_count_as_an_attempt(store: TaskStore) -> None:
+    task_id = new_task(store)
+    first = store.start(task_id, "a", "{}")
+    assert store.release(task_id, first.attempt + 1, clean=True) is None, "a non-holder let go"
+    assert store.release(task_id, first.attempt, clean=True) == "{}"
+    second = store.start(task_id, "b", "{}")
+    assert (second.attempt, second.counted_attempts) == (2, 1)
+
+
+def test_a_task_between_two_workers_is_cancelled_at_once_and_never_runs_again(store: TaskStore) -> None:
+    task_id = new_task(store)
+    store.release(task_id, store.start(task_id, "a", "{}").attempt, clean=True)
+    assert store.request_cancel(task_id) == TaskStatus.running
+    view = store.view(task_id)
+    assert view is not None and view.status == TaskStatus.cancelled
+    assert store.start(task_id, "b", "{}").found == TaskStatus.cancelled
+
+
+def test_an_ended_task_holds_no_lease(store: TaskStore, client: redis.Redis) -> None:
+    task_id = new_task(store)
+    store.fail(task_id, "no", store.start(task_id, "a", "{}").attempt)
+    assert client.zscore("tasks:leases", task_id) is None and client.hget(f"task:{task_id}", "request") is None

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from core.protocol import HANDED_BACK
+from model_loader.engine import FlushPolicy, Resume, SamplingParams, TokenSink, never
 from model_loader.streaming import TextStream
 
 
@@ -56,3 +58,54 @@ def test_held_back_prefix_is_released_when_it_is_not_a_stop(tokenizer) -> None: 
     chunks, stream = stream_all(tokenizer, "a light breeze, then more light", stop=("lighthouse",))
     assert not stream.stopped
     assert "".join(chunks) == "a light breeze, then more light"
+
+
+Published = list[tuple[str, list[int]]]
+
+
+def sink_for(tokenizer, stop: tuple[str, ...], out: Published) -> TokenSink:  # type: ignore[no-untyped-def]
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    flush = FlushPolicy(every_tokens=3, every_s=3600)
+    return TokenSink(TextStream(decode, stop), lambda text, ids: out.append((text, list(ids))), never, flush)
+
+
+def feed(sink: TokenSink, token_ids: list[int]) -> None:
+    for token_id in token_ids:
+        if sink.add(token_id):
+            return
+
+
+LONG = SamplingParams(max_new_tokens=1000, temperature=0, top_p=1, top_k=0, repetition_penalty=1)
+STORY = "Once upon a time a lighthouse keeper said: the END is near, then slept."
+
+
+@pytest.mark.parametrize("stop", [(), ("lighthouse keeper",), ("END",)])
+@pytest.mark.parametrize("handed_back", [False, True])
+def test_an_answer_taken_up_after_any_token_ends_as_one_attempt_would_have(tokenizer, stop, handed_back) -> None:  # type: ignore[no-untyped-def]
+    """The first attempt dies (or hands back) after each token in turn; the next replays the
+    published tokens and goes on with the same ones a greedy model would give. The published
+    text plus the new chunks is the uninterrupted text, a stop string spanning the takeover point
+    included, and the token count is the whole answer's."""
+    token_ids = tokenizer.encode(STORY, add_special_tokens=False)
+    whole: Published = []
+    reference = sink_for(tokenizer, stop, whole)
+    feed(reference, token_ids)
+    reference.close()
+    for cut in range(1, len(token_ids)):
+        first: Published = []
+        dying = sink_for(tokenizer, stop, first)
+        feed(dying, token_ids[:cut])
+        if handed_back:
+            dying.interrupted = HANDED_BACK
+            dying.close()
+        ids = [i for _, chunk_ids in first for i in chunk_ids]
+        text = "".join(t for t, _ in first)
+        assert token_ids[: len(ids)] == ids, "a chunk's tokens are not the ones its text came from"
+        rest: Published = []
+        going_on = sink_for(tokenizer, stop, rest)
+        going_on.resume(Resume(ids, text))
+        if going_on.tokens_left(LONG, eos=[]):  # as the engines ask before they generate
+            feed(going_on, token_ids[len(ids):])
+        going_on.close()
+        assert text + "".join(t for t, _ in rest) == going_on.stream.text == reference.stream.text, cut
+        assert going_on.tokens == reference.tokens and going_on.stream.stopped_by == reference.stream.stopped_by

@@ -1,8 +1,9 @@
 """The Celery app and its configuration, importable without torch (the API sends tasks through it).
 
 The worker imports `worker.tasks` itself (`include`), so the API process never loads the model
-code. Tasks travel as json only. A task is acknowledged only after it ends, so a worker that
-dies mid-generation leaves it in the queue for another worker.
+code. Tasks travel as json only. A running task is held under a lease its worker renews: when a
+worker dies, a live one sends the task on within seconds (worker/leases.py). A task is also
+acknowledged only after it ends, so Redis's visibility timeout redelivers it as a last resort.
 """
 
 from celery import Celery
@@ -12,8 +13,12 @@ from core.settings import get_settings
 
 GENERATE_TASK = "generate"
 QUEUE = "chat"
-# How often a live worker looks for tasks a dead worker held past the visibility timeout. kombu's
-# default scans only every 10th 10 s tick, which can leave a task unclaimed for 100 s more.
+# kombu's Redis transport serves lower numbers first: a task sent on from a worker that died or
+# stopped goes ahead of every new one, since its reader is already waiting mid-answer.
+NEW_TASK_PRIORITY = 3
+TAKEOVER_PRIORITY = 0
+# How often a live worker looks for tasks a dead worker held past the visibility timeout (the last
+# resort behind the leases). kombu's default scans only every 10th 10 s tick.
 RESTORE_SCAN_S = 5
 
 
@@ -45,11 +50,19 @@ def make_celery() -> Celery:
     return app
 
 
-def send_generate(celery: Celery, request: dict, task_id: str) -> None:
-    """Queue one generation. Its arguments are the user's prompt, so the message says how Celery
-    shows them in its logs (`argsrepr`): a placeholder, never the prompt, whatever gets logged
-    (Celery prints a request with its arguments when it cannot cancel it after a connection loss)."""
-    celery.send_task(GENERATE_TASK, args=[request], task_id=task_id, argsrepr="[<request>]", kwargsrepr="{}")
+def send_generate(celery: Celery, request: dict, task_id: str, takeover: bool = False) -> None:
+    """Queue one generation; a `takeover` goes ahead of new tasks. Its arguments are the user's
+    prompt, so the message says how Celery shows them in its logs (`argsrepr`): a placeholder,
+    never the prompt, whatever gets logged (Celery prints a request with its arguments when it
+    cannot cancel it after a connection loss)."""
+    celery.send_task(
+        GENERATE_TASK,
+        args=[request],
+        task_id=task_id,
+        priority=TAKEOVER_PRIORITY if takeover else NEW_TASK_PRIORITY,
+        argsrepr="[<request>]",
+        kwargsrepr="{}",
+    )
 
 
 app = make_celery()

@@ -1,38 +1,38 @@
-"""What one worker process owns (engine, prompt formatter, task store) and how it runs one task.
+"""What one worker process owns (engine, prompt formatter, task store, leases) and how it runs one
+attempt at a task: a new answer, or one that another attempt began.
 
 Kept free of Celery so it can be driven directly; `worker.tasks` is the thin Celery shell.
 """
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import torch
 
-from core.protocol import GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
+from core.protocol import HANDED_BACK, SUPERSEDED, GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
-from core.store import SUPERSEDED, TaskStore
-from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, SamplingParams, make_engine
+from core.store import Published, Started, TaskStore
+from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, Resume, SamplingParams, make_engine
 from model_loader.loader import load_model
 from model_loader.source import model_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
+from worker.leases import Leases, Send
 
 log = logging.getLogger(__name__)
 
 
 class HandBack(Exception):
-    """This delivery cannot finish its task, through no fault of the task: run it again.
+    """This delivery cannot run its task, through no fault of the task: Celery should queue it again.
 
-    Redis stayed unreachable (or read-only, or out of memory) past WORKER_REDIS_RETRY_S, or the
-    engine failed under it. The Celery task turns this into a requeue, and with `stop_worker`
-    (the engine could not restart) also ends the process so that it is started afresh.
+    Redis stayed unreachable (or read-only, or out of memory) past WORKER_REDIS_RETRY_S, so the
+    task could not be handed back through its lease (which lapses meanwhile: whichever delivery
+    comes first then runs it, and the other is dropped as a duplicate); or the worker is stopping
+    before the task started.
     """
-
-    def __init__(self, reason: str, stop_worker: bool = False) -> None:
-        super().__init__(reason)
-        self.stop_worker = stop_worker
 
 
 def sampling_params(request: GenerateRequest, settings: Settings) -> SamplingParams:
@@ -61,26 +61,32 @@ class WorkerRuntime:
     formatter: ChatFormatter
     context_window: int
     store: TaskStore
+    leases: Leases
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def start(cls, settings: Settings) -> "WorkerRuntime":
-        """Load the model once for this process."""
+    def start(cls, settings: Settings, send: Send) -> "WorkerRuntime":
+        """Load the model once for this process. `send` queues a task again (see `Leases`)."""
         loaded = load_model(settings)
         folder = model_dir(settings)
+        store = TaskStore(
+            connect(settings.redis_url, retry_s=settings.worker_redis_retry_s),
+            settings.result_ttl_s,
+            retry_s=settings.worker_redis_retry_s,
+            lease_s=settings.lease_s,
+        )
         return cls(
             settings=settings,
             engine=make_engine(loaded, settings),
             formatter=load_formatter(folder, settings.prompt_format, loaded.name),
             context_window=settings.usable_context(context_window(folder, settings.context_window)),
-            store=TaskStore(
-                connect(settings.redis_url, retry_s=settings.worker_redis_retry_s),
-                settings.result_ttl_s,
-                retry_s=settings.worker_redis_retry_s,
-            ),
+            store=store,
+            leases=Leases(store, settings.lease_renew_s, send),
         )
 
-    def run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
-        """Generate one answer, streaming chunks to the store; any failure ends the task `failed`.
+    def run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
+        """Generate one answer, or go on with one another attempt began, streaming chunks to the
+        store; any failure ends the task `failed`. `payload` is the request as it was sent.
 
         A Redis error never leaves a task `running` with nobody on it: the store's client retries
         transient ones (a restart, a failover, memory full) for WORKER_REDIS_RETRY_S, after which
@@ -89,7 +95,7 @@ class WorkerRuntime:
         the task dropped, since running it again would meet the same key.
         """
         try:
-            self._run(task_id, request, worker)
+            self._run(task_id, request, payload, worker)
         except TRANSIENT_ERRORS as exc:
             raise HandBack(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
         except redis.RedisError as exc:
@@ -99,25 +105,39 @@ class WorkerRuntime:
             except redis.RedisError:
                 log.error("task %s: its failure could not be recorded either; dropped", task_id)
 
-    def _run(self, task_id: str, request: GenerateRequest, worker: str) -> None:
-        """A task cancelled while it waited in the queue is dropped here without running; one whose
-        workers died `MAX_ATTEMPTS` times fails instead of looping through the workers forever."""
-        started_at = time.time()
-        attempt = self.store.start(task_id, worker)
-        if not attempt:
-            log.info("task %s was cancelled or has expired before it started; skipped", task_id)
+    def _run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
+        """A delivery of a task that has ended, or that another attempt holds, is dropped here
+        without running; one whose workers died `MAX_ATTEMPTS` times fails instead of looping
+        through the workers forever."""
+        if self.stopping.is_set():
+            raise HandBack("this worker is stopping")
+        started = self.store.start(task_id, worker, payload)
+        if not started.attempt:
+            log.info("task %s: not run (%s)", task_id, started.found or "unknown or expired")
             return
-        if attempt > self.settings.max_attempts:
-            self.store.fail(task_id, _gave_up(attempt - 1), attempt)
+        attempt = started.attempt
+        if started.counted_attempts > self.settings.max_attempts:
+            self.store.fail(task_id, _gave_up(started.counted_attempts - 1), attempt)
             return
-        deadline = time.monotonic() + self.settings.task_time_limit_s
+        self.leases.hold(task_id, attempt)
         try:
-            outcome = self._generate(task_id, attempt, request, deadline)
+            self._attempt(task_id, request, worker, started)
+        finally:
+            self.leases.let_go(task_id)
+
+    def _attempt(self, task_id: str, request: GenerateRequest, worker: str, started: Started) -> None:
+        attempt = started.attempt
+        published = self.store.published(task_id) if attempt > 1 else Published([], "", None)
+        try:
+            outcome = self._generate(task_id, request, started, published)
         except redis.RedisError:
             raise
         except (EngineRestarted, EngineBroken) as exc:
             log.warning("task %s, attempt %d: %s; handing it back", task_id, attempt, exc)
-            raise HandBack(str(exc), stop_worker=isinstance(exc, EngineBroken)) from exc
+            self.leases.hand_back(task_id, attempt, clean=False)
+            if isinstance(exc, EngineBroken):
+                raise
+            return
         except PromptTooLong as exc:
             self.store.fail(task_id, str(exc), attempt)
             return
@@ -129,43 +149,62 @@ class WorkerRuntime:
             log.exception("task %s failed", task_id)
             self.store.fail(task_id, f"generation failed on worker {worker}: {type(exc).__name__}: {exc}", attempt)
             return
-        enqueued_at = self.store.enqueued_at(task_id) or started_at
+        if outcome.finish_reason == HANDED_BACK:
+            self.leases.hand_back(task_id, attempt, clean=True)
+            return
         stored = outcome.finish_reason != SUPERSEDED and self.store.finish(
-            task_id, attempt, self._result(outcome, worker, enqueued_at, started_at)
+            task_id, attempt, self._result(task_id, outcome, worker, started, published)
         )
         if not stored:
-            log.warning("task %s: a newer delivery took over from attempt %d; its result is dropped", task_id, attempt)
+            log.warning("task %s: another attempt took over from attempt %d; its result is dropped", task_id, attempt)
 
-    def _generate(self, task_id: str, attempt: int, request: GenerateRequest, deadline: float) -> Outcome:
+    def _generate(self, task_id: str, request: GenerateRequest, started: Started, published: Published) -> Outcome:
+        """The time limit counts from the task's first start, so it bounds the whole answer."""
         params = sampling_params(request, self.settings)
         prompt = build_prompt(
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
+        deadline = time.monotonic() + self.settings.task_time_limit_s - (time.time() - started.first_started_at)
 
         def interruption() -> str | None:
-            reason = self.store.stop_reason(task_id, attempt)
+            reason = self.store.stop_reason(task_id, started.attempt)
+            if reason is None and self.stopping.is_set():
+                reason = HANDED_BACK
             return reason or ("timeout" if time.monotonic() > deadline else None)
 
         return self.engine.generate(
             prompt.input_ids,
             params,
-            on_chunk=lambda text: self.store.append_chunk(task_id, attempt, text),
+            on_chunk=lambda text, token_ids: self.store.append_chunk(task_id, started.attempt, text, token_ids),
             interruption=interruption,
+            resume=Resume(published.token_ids, published.text),
         )
 
-    def _result(self, outcome: Outcome, worker: str, enqueued_at: float, started_at: float) -> GenerationResult:
+    def _result(
+        self, task_id: str, outcome: Outcome, worker: str, started: Started, published: Published
+    ) -> GenerationResult:
+        """Figures for the whole answer: an attempt that went on from earlier ones adds their tokens
+        and the time since the first one started (the gap between the two included)."""
         loaded = self.engine.loaded
         now = time.time()
+        first = started.first_started_at
+        enqueued_at = self.store.enqueued_at(task_id) or first
+        earlier_s = started.started_at - first
+        if published.first_chunk_at is not None:
+            time_to_first_token: float | None = published.first_chunk_at - first
+        else:
+            time_to_first_token = None if outcome.time_to_first_token_s is None else earlier_s + outcome.time_to_first_token_s
+        generation_s = earlier_s + outcome.generation_s
         return GenerationResult(
             text=outcome.text,
             finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
             stop_string=outcome.stop_string,
             usage=Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens),
             timings=Timings(
-                queued_s=max(0.0, started_at - enqueued_at),
-                time_to_first_token_s=outcome.time_to_first_token_s,
-                generation_s=outcome.generation_s,
-                tokens_per_second=outcome.completion_tokens / outcome.generation_s if outcome.generation_s else 0.0,
+                queued_s=max(0.0, first - enqueued_at),
+                time_to_first_token_s=time_to_first_token,
+                generation_s=generation_s,
+                tokens_per_second=outcome.completion_tokens / generation_s if generation_s else 0.0,
                 total_s=now - enqueued_at,
             ),
             memory=MemoryStats(

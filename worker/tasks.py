@@ -1,5 +1,6 @@
 """The Celery task: a few lines that unpack the payload and hand it to the process's runtime."""
 
+import json
 import logging
 import os
 import signal
@@ -7,13 +8,14 @@ from functools import cached_property
 
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
 from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.settings import get_settings
-from worker.celery_app import GENERATE_TASK, app
+from model_loader.engine import EngineBroken
+from worker.celery_app import GENERATE_TASK, app, send_generate
 from worker.heartbeat import Heartbeat
 from worker.runtime import HandBack, WorkerRuntime
 
@@ -27,20 +29,25 @@ class GenerationTask(Task):
 
     @cached_property
     def runtime(self) -> WorkerRuntime:
-        return WorkerRuntime.start(get_settings())
+        return WorkerRuntime.start(get_settings(), send=_send_on)
+
+
+def _send_on(task_id: str, request: str) -> None:
+    """Queue a task again, ahead of new ones, for the next free worker to go on with."""
+    send_generate(app, json.loads(request), task_id, takeover=True)
 
 
 @app.task(name=GENERATE_TASK, base=GenerationTask, bind=True)
 def generate(self: GenerationTask, request: dict) -> None:
-    """A task this delivery cannot finish (Redis gone for longer than the store retries, the
-    engine restarted under it) goes back to the queue rather than being acknowledged as done:
-    it runs again as a new attempt."""
+    """A task this delivery cannot run (Redis gone for longer than the store retries, the worker
+    stopping) goes back to the queue rather than being acknowledged as done. An engine that
+    cannot even restart has handed its task on; then this process stops, to be started afresh."""
     try:
         _run(self, request)
     except HandBack as exc:
-        if exc.stop_worker:
-            _stop_worker()
         raise Reject(str(exc), requeue=True) from exc
+    except EngineBroken:
+        _stop_worker()
 
 
 def _run(task: GenerationTask, request: dict) -> None:
@@ -49,7 +56,7 @@ def _run(task: GenerationTask, request: dict) -> None:
     except ValidationError as exc:  # an API of another version, or a message not sent by the API
         task.runtime.store.fail(task.request.id, f"the worker could not read this task: {exc.errors()[0]['msg']}")
         return
-    task.runtime.run(task.request.id, parsed, worker=task.request.hostname or "")
+    task.runtime.run(task.request.id, parsed, json.dumps(request), worker=task.request.hostname or "")
 
 
 def _stop_worker() -> None:
@@ -66,16 +73,26 @@ def _load_model_at_start(**_: object) -> None:
 
 
 @worker_ready.connect
-def _start_heartbeat(sender: object, **_: object) -> None:
-    """Tell /health, through Redis, that this worker is up and whether its engine can generate."""
+def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
+    """Tell /health, through Redis, that this worker is up and whether its engine can generate;
+    renew this worker's leases and watch for lapsed ones."""
     runtime = generate.runtime
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     generate.heartbeat = Heartbeat(Heartbeats(runtime.store.redis), name, ready=lambda: runtime.engine.ready)
     generate.heartbeat.start()
+    runtime.leases.start()
+
+
+@worker_shutting_down.connect
+def _hand_back_running_tasks(**_: object) -> None:
+    """Celery's warm shutdown would wait for every running generation to end: instead each one
+    stops at its next token and hands its task back, to go on in another worker at once."""
+    generate.runtime.stopping.set()
 
 
 @worker_shutdown.connect
 def _stop(**_: object) -> None:
     if generate.heartbeat is not None:
         generate.heartbeat.stop()
+    generate.runtime.leases.stop()
     generate.runtime.engine.close()

@@ -8,17 +8,14 @@ started it was killed. The layout:
     0 response.created, 1 response.queued,
     2 response.in_progress, 3 response.output_item.added, 4 response.content_part.added
       (at the first chunk, or at the end for an answer with no text),
-    FIRST_DELTA + base + i  response.output_text.delta for chunk i,
+    FIRST_DELTA + i  response.output_text.delta for chunk i,
     then output_text.done, content_part.done, output_item.done and the terminal event
       (completed, incomplete or cancelled), or response.failed alone.
 
-A worker's death restarts the task's text (until takeover continues it): the new attempt's chunks
-are numbered from `base` = FIRST_DELTA + the chunks earlier attempts published + one spare
-number per restart, so numbers never go back. A client whose position lies among an earlier
-attempt's numbers gets an `error` event instead of the new text joined to the old; a reader that
-sees the attempt change mid-stream gets one numbered with that spare number, so that resuming
-from it is refused in turn. Any other `error` event (Redis away too long) repeats the number of
-the last event before it: resuming from it loses nothing.
+A worker that dies or stops mid-answer changes nothing here: the attempt that takes the task
+over appends after the chunks already published, so the numbers run on across a takeover. An
+`error` event (Redis away too long, the response expired) repeats the number of the last event
+before it: resuming from it loses nothing.
 """
 
 from collections.abc import Iterable
@@ -50,31 +47,9 @@ class ResponseEvents:
         self.item_id = item_id
         self.queued = queued
         self.after = after
-        self.attempt = 0
-        self.base = FIRST_DELTA
-        self.chunks = 0  # of the current attempt, sent or skipped
+        self.chunks = 0  # sent or skipped
         self.opened = False
         self.last = after  # the highest number sent
-
-    def rebase(self, attempt: int, earlier_chunks: int) -> ErrorEvent | None:
-        """Number the current attempt's chunks; an error if the client has already read an earlier one's."""
-        self.attempt = attempt
-        self.base = FIRST_DELTA + earlier_chunks + max(attempt - 1, 0)
-        if FIRST_DELTA <= self.after < self.base:
-            return self._restarted(self.base - 1)
-        return None
-
-    def restarted(self) -> ErrorEvent:
-        """For a reader that meets a new attempt after sending the old one's text: numbered with the
-        spare number before the new attempt's, so that resuming from it is refused too."""
-        return self._restarted(self._next())
-
-    def _restarted(self, number: int) -> ErrorEvent:
-        message = (
-            "a worker stopped and a new attempt restarted the answer after the events you have read; "
-            "retrieve the response for its text, or stream it again from the start"
-        )
-        return ErrorEvent(sequence_number=number, code="answer_restarted", message=message)
 
     def start(self) -> list[Event]:
         return self._visible(
@@ -128,7 +103,7 @@ class ResponseEvents:
         return self.queued.model_copy(update={"status": "in_progress"})
 
     def _next(self) -> int:
-        return self.base + self.chunks
+        return FIRST_DELTA + self.chunks
 
     def _visible(self, events: Iterable[Event]) -> list[Event]:
         shown = [event for event in events if event.sequence_number > self.after]

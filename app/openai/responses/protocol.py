@@ -209,8 +209,8 @@ class TextDoneEvent(TextEvent):
 
 
 class ErrorEvent(Event):
-    """The stream cannot go on (its task failed to be read, or restarted its text): the response
-    itself can still be retrieved."""
+    """The stream cannot go on (Redis unreachable too long, or the response expired): the response
+    itself may still be retrieved."""
 
     type: Literal["error"] = "error"
     code: str

@@ -22,7 +22,6 @@ from app.openai.errors import OpenAIError
 from app.openai.responses import convert
 from app.openai.responses.events import ResponseEvents
 from app.openai.responses.protocol import (
-    ErrorEvent,
     Event,
     Response,
     ResponseCreateRequest,
@@ -142,19 +141,12 @@ async def _events(
 async def _numbered(
     services: Services, task_id: str, settings: ResponseSettings, numbering: ResponseEvents
 ) -> AsyncIterator[Event]:
+    for event in numbering.start():
+        yield event
     try:
-        if (refused := await _rebase(services, task_id, numbering)) is not None:
-            yield refused
-            return
-        for event in numbering.start():
-            yield event
         async for entry in follow(services.aredis, task_id):
             if entry.ended:
                 break
-            if entry.attempt != numbering.attempt:  # a new attempt restarted the text
-                if (refused := await _rebase(services, task_id, numbering, entry.attempt)) is not None:
-                    yield refused
-                    return
             for event in numbering.chunk(entry.text or ""):
                 yield event
         view = await run_in_threadpool(services.store.view, task_id)
@@ -166,18 +158,3 @@ async def _numbered(
         return
     for event in numbering.end(convert.response(task_id, settings, view)):
         yield event
-
-
-async def _rebase(
-    services: Services, task_id: str, numbering: ResponseEvents, attempt: int | None = None
-) -> ErrorEvent | None:
-    """Number the chunks of the task's current attempt (or of `attempt`, whose chunk has just been
-    read); an error event instead when this stream cannot go on without joining two attempts' text."""
-    if numbering.chunks:
-        return numbering.restarted()
-    origin = await run_in_threadpool(services.store.stream_origin, task_id)
-    if origin is None:
-        return numbering.broken("the response has expired")
-    if attempt is not None and origin[0] != attempt:  # it has moved on again already
-        return numbering.restarted()
-    return numbering.rebase(*origin)
