@@ -1,9 +1,13 @@
 """`make run`: Redis (REDIS_URL if it answers, else a local redis-server), one worker and the API.
 
-Ctrl-C (or SIGTERM, as from `kill` or a process manager) stops them all. A worker or an API
-that exits (an engine that could not recover, a `kill -9`) is started again, after a pause that
-grows while it keeps exiting: every task and response lives on in Redis meanwhile. Redis exiting
-stops the stack. Logs go to the terminal; Redis data lives under ./var/redis.
+Ctrl-C (or SIGTERM, as from `kill` or a process manager) stops them all within seconds, even
+mid-answer: the API and the worker first (the worker hands its running tasks back, to go on
+where they stopped at the next start or in any other worker), Redis last. The children run in
+sessions of their own, so the terminal's Ctrl-C reaches only this supervisor, which stops them
+in that order. A worker or an API that exits (an engine that could not recover, a `kill -9`)
+is started again, after a pause that grows while it keeps exiting: every task and response
+lives on in Redis meanwhile. Redis exiting stops the stack. Logs go to the terminal; Redis data
+lives under ./var/redis.
 """
 
 import logging
@@ -14,11 +18,14 @@ import time
 from pathlib import Path
 
 from core.settings import get_settings
-from devstack.processes import api_command, stop, worker_command
+from devstack.processes import api_command, stop, stop_all, worker_command
 from devstack.redis_server import answers, start_redis
 
 log = logging.getLogger("devstack")
 VAR = Path("var")
+# A worker hands its tasks back at its next token; one that takes longer is killed, and its
+# tasks are taken over when their leases lapse.
+STOP_S = 5.0
 
 
 def main() -> int:
@@ -72,7 +79,7 @@ class Restarting:
         self._restart_at: float | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command)
+        self.process = subprocess.Popen(self.command, start_new_session=True)
         self._started_at = time.monotonic()
         self._restart_at = None
 
@@ -105,10 +112,8 @@ def _wait(redis: subprocess.Popen | None, restarting: list[Restarting]) -> int:
 
 
 def _stop(redis: subprocess.Popen | None, restarting: list[Restarting]) -> None:
-    """The API first, then the worker, then Redis, which the others need until they have stopped."""
-    for child in restarting:
-        if child.process is not None:
-            stop(child.process)
+    """The API and the worker together, then Redis, which they need until they have stopped."""
+    stop_all([child.process for child in restarting if child.process is not None], timeout_s=STOP_S)
     if redis is not None:
         stop(redis)
 

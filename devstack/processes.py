@@ -22,8 +22,16 @@ def worker_command(name: str = "worker") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO", "-n", f"{name}@%h"]
 
 
+# Open event streams would hold uvicorn's shutdown for as long as they last: they are cut after
+# this, and their clients resume from their last event on the next API.
+API_GRACE_S = 2
+
+
 def api_command(host: str, port: int | str) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port), "--no-access-log"]
+    return [
+        sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port), "--no-access-log",
+        "--timeout-graceful-shutdown", str(API_GRACE_S),
+    ]
 
 
 def spawn(name: str, args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
@@ -34,14 +42,22 @@ def spawn(name: str, args: list[str], env: dict[str, str], logs: Path) -> subpro
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM (Celery finishes its running task, uvicorn drains), then SIGKILL after the timeout."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """SIGTERM (a worker hands its running tasks back, uvicorn drains), then SIGKILL after the timeout."""
+    stop_all([process], timeout_s)
+
+
+def stop_all(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM to each at once, then SIGKILL to any still running after the timeout."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
@@ -92,7 +108,7 @@ class Stack:
         self.workers[name] = spawn(name, worker_command(name), self.env, self.logs)
 
     def stop_worker(self, name: str, kill: bool = False) -> None:
-        """SIGTERM (Celery finishes and acks its task) or SIGKILL (no ack: Redis hands the task out again)."""
+        """SIGTERM (it hands its running task back) or SIGKILL (its lease lapses, and another worker takes over)."""
         process = self.workers.pop(name)
         if kill:
             process.kill()

@@ -40,7 +40,8 @@ def start_redis(url: str, data_dir: Path, log_file: Path | None = None, timeout_
     if parsed.password:
         args += ["--requirepass", parsed.password]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    # A session of its own: a terminal's Ctrl-C must not stop Redis before the processes that need it.
+    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not answers(url, timeout_s=0.5):
         if process.poll() is not None or time.monotonic() > deadline:

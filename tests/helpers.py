@@ -1,6 +1,7 @@
 """Polling helpers for the end-to-end tests: every wait has a deadline."""
 
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -15,13 +16,31 @@ def submit(client: httpx.Client, **body: object) -> str:
     return response.json()["task_id"]
 
 
+def poll_until(
+    client: httpx.Client, task_id: str, check: Callable[[TaskView], bool], timeout_s: float = POLL_TIMEOUT_S
+) -> TaskView:
+    """The task's whole view (no cursor) once `check` holds for it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = TaskView.model_validate(client.get(f"/task/{task_id}").json())
+        if check(view):
+            return view
+        time.sleep(0.02)
+    raise TimeoutError(f"task {task_id} did not get there in {timeout_s} s")
+
+
 def poll_until_finished(
-    client: httpx.Client, task_id: str, interval_s: float = 0.02, timeout_s: float = POLL_TIMEOUT_S
+    client: httpx.Client,
+    task_id: str,
+    interval_s: float = 0.02,
+    timeout_s: float = POLL_TIMEOUT_S,
+    after: str = "0-0",
 ) -> tuple[TaskView, list[TaskView]]:
-    """Poll with cursors as a client would; returns the final view, whole (one more poll, without a
-    cursor), and every view seen (each holding only the chunks after the cursor before it)."""
+    """Poll with cursors as a client would, from `after`; returns the final view, whole (one more
+    poll, without a cursor), and every view seen (each holding only the chunks after the cursor
+    before it)."""
     seen: list[TaskView] = []
-    cursor = "0-0"
+    cursor = after
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         response = client.get(f"/task/{task_id}", params={"after": cursor})

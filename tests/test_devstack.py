@@ -5,13 +5,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import openai
 import psutil
 
+from core.protocol import TaskStatus
 from devstack.processes import ROOT, free_port, stop, wait_until
+from tests.helpers import poll_until, poll_until_finished, submit
 
 STARTUP_S = 300
 MODEL = "SmolLM2-135M-Instruct"
@@ -88,3 +91,46 @@ def test_make_run_restarts_a_worker_or_an_api_that_exits(stack_env: dict[str, st
     assert "the worker exited" in text and "the API exited" in text, text[-2000:]
     _, alive = psutil.wait_procs(processes, timeout=10)
     assert devstack.returncode == 0 and not alive, f"left running: {alive}"
+
+
+def start_devstack(env: dict[str, str], folder: Path) -> subprocess.Popen:
+    """`make run`'s supervisor as a terminal runs it: the leader of its own process group, the
+    foreground group that a terminal's Ctrl-C goes to as a whole."""
+    log = open(folder / "devstack.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "devstack"], cwd=folder, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_ctrl_c_mid_answer_stops_the_stack_at_once_and_the_next_start_goes_on(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """It took 40 s to stop (the terminal's SIGINT reached Redis, which died first while the worker
+    finished its task), and the task then sat `running` until the visibility timeout."""
+    port = free_port()
+    env = stack_env | {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "API_PORT": str(port),
+                       "QUANTIZATION": "none", "PYTHONPATH": str(ROOT)}
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "Write a long story about a lighthouse keeper.", "temperature": 0, "max_new_tokens": 96}
+    devstack = start_devstack(env, tmp_path)
+    try:
+        wait_until(lambda: healthy(url), STARTUP_S, "make run's stack", interval_s=0.5)
+        client = httpx.Client(base_url=url, timeout=30)
+        reference, _ = poll_until_finished(client, submit(client, **body))
+        task_id = submit(client, **body)
+        before = poll_until(client, task_id, lambda v: len(v.chunks) >= 3)
+        processes = psutil.Process(devstack.pid).children()
+        interrupted = time.monotonic()
+        os.killpg(devstack.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        devstack.wait(timeout=60)
+        stopped_s = time.monotonic() - interrupted
+        _, alive = psutil.wait_procs(processes, timeout=1)
+        assert stopped_s < 10 and not alive, (stopped_s, alive)
+
+        devstack = start_devstack(env, tmp_path)
+        wait_until(lambda: healthy(url), STARTUP_S, "make run's stack, started again", interval_s=0.5)
+        final, seen = poll_until_finished(client, task_id, after=before.cursor)
+    finally:
+        stop(devstack, timeout_s=60)
+    assert final.status == TaskStatus.succeeded and final.attempt == 2, final
+    assert final.text == reference.text, "the answer did not go on where it stopped"
+    assert "".join(c.text for v in [before, *seen] for c in v.chunks) == final.text, "a chunk repeated or lost"
