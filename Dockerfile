@@ -30,4 +30,6 @@ COPY . .
 USER app
 
 EXPOSE 8000
+# What `docker stop` sends: uvicorn drains, a worker hands its running tasks back to other workers.
+STOPSIGNAL SIGTERM
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]

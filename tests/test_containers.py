@@ -3,7 +3,7 @@
 Each test names one promise of docker-compose.yml or the Dockerfile that the deployment relies on
 (Redis persists and stays private, workers scale and get the GPU, one image serves both roles),
 and the ones that make it safe by default (a password on Redis, no open API by accident, workers
-that finish their generation before they stop).
+that hand their tasks back when they stop).
 """
 
 import json
@@ -177,14 +177,31 @@ def test_duration_refuses_anything_else(value: object) -> None:
         duration_s(value)
 
 
-def test_worker_finishes_its_generation_before_docker_kills_it(services: dict) -> None:
-    """SIGTERM is Celery's warm shutdown; a grace period shorter than the longest generation SIGKILLs it mid-answer."""
+@pytest.mark.parametrize("name", ["redis", "api", "worker"])
+def test_every_service_stops_on_sigterm_with_a_grace_period(services: dict, dockerfile: list[str], name: str) -> None:
+    """`docker compose stop` and rolling restarts send SIGTERM, then SIGKILL after the grace period."""
+    service = services[name]
+    assert service["stop_signal"] == "SIGTERM"
+    assert 5 <= duration_s(service["stop_grace_period"]) <= 60
+    assert "STOPSIGNAL SIGTERM" in dockerfile
+
+
+def test_a_stopping_worker_hands_back_rather_than_finishing_its_generation(services: dict) -> None:
+    """The grace period used to cover the longest generation (11 minutes): a worker now hands its
+    tasks back at its next token, and a worker killed anyway is taken over when its leases lapse,
+    so the grace period is shorter than a generation may run, and longer than a lease."""
     worker = services["worker"]
-    assert worker["stop_signal"] == "SIGTERM"
+    grace_s = duration_s(worker["stop_grace_period"])
     env = environment(worker)
     # Unset in the container, the field's default applies (not whatever this process's environment says).
     limit_s = int(env.get("TASK_TIME_LIMIT_S", Settings.model_fields["task_time_limit_s"].default))
-    assert duration_s(worker["stop_grace_period"]) >= limit_s + 30
+    lease_s = float(env.get("LEASE_S", Settings.model_fields["lease_s"].default))
+    assert lease_s < grace_s < limit_s
+
+
+def test_the_api_cuts_open_streams_within_its_grace_period(services: dict) -> None:
+    api = services["api"]
+    assert float(option(command(api), "--timeout-graceful-shutdown")) < duration_s(api["stop_grace_period"])
 
 
 def test_api_publishes_its_port_and_runs_uvicorn(services: dict) -> None:

@@ -1,7 +1,8 @@
 """Nothing lost: real processes killed and restarted under a running stack of its own.
 
-The stack here has a short time limit (so redelivery after a killed worker, which waits for
-Redis's visibility timeout, takes seconds rather than minutes) and at most two attempts.
+The stack here has a short time limit, a short Redis retry window and at most two attempts;
+its one worker is replaced when a test kills it. (test_takeover.py has two workers and the
+default lease settings, for the takeover bound.)
 """
 
 import signal
@@ -32,7 +33,7 @@ STORY = f"Write a long story about a lighthouse keeper named {SECRET_NAME}."
 TIME_LIMIT_S = 6
 REDIS_RETRY_S = 5  # a worker rides out a Redis restart shorter than this, and requeues its task past it
 VISIBILITY_TIMEOUT_S = 2 * TIME_LIMIT_S + 10
-REDELIVERY_S = VISIBILITY_TIMEOUT_S + 60  # then the restore scan and a new worker's start
+TAKEOVER_S = 90  # a new worker loads its model, then the lease lapses and it takes the task over
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def replace_worker(stack: Stack) -> None:
 
 
 def wait_for_attempt(client: httpx.Client, task_id: str, attempt: int) -> None:
-    wait_until(lambda: (v := view(client, task_id)).attempt == attempt and bool(v.text), REDELIVERY_S,
+    wait_until(lambda: (v := view(client, task_id)).attempt == attempt and bool(v.text), TAKEOVER_S,
                f"attempt {attempt} of {task_id} to stream")
 
 
@@ -75,25 +76,12 @@ def the_worker(stack: Stack) -> str:
     return name
 
 
-def test_a_killed_workers_task_runs_again_and_completes_once(stack: Stack, client: httpx.Client) -> None:
-    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
-    wait_for_attempt(client, task_id, 1)
-    replace_worker(stack)
-
-    final, seen = poll_until_finished(client, task_id)
-    assert final.status == TaskStatus.succeeded and final.attempt == 2
-    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text, "two attempts mixed"
-    reference, _ = poll_until_finished(client, submit(client, prompt=STORY, temperature=0, max_new_tokens=48))
-    shorter, longer = sorted([final.text, reference.text], key=len)
-    assert longer.startswith(shorter)
-
-
 def test_a_task_that_keeps_killing_its_worker_fails_after_max_attempts(stack: Stack, client: httpx.Client) -> None:
     task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
     for attempt in (1, 2):
         wait_for_attempt(client, task_id, attempt)
         replace_worker(stack)
-    wait_until(lambda: view(client, task_id).status == TaskStatus.failed, REDELIVERY_S, "the task to give up")
+    wait_until(lambda: view(client, task_id).status == TaskStatus.failed, TAKEOVER_S, "the task to give up")
     assert "gave up after 2 attempts" in (view(client, task_id).error or "")
 
     after, _ = poll_until_finished(client, submit(client, prompt="Hi", temperature=0, max_new_tokens=8))
@@ -172,8 +160,9 @@ def test_redis_restart_mid_generation_loses_nothing(stack: Stack, client: httpx.
 def test_redis_away_longer_than_the_worker_waits_requeues_the_task(stack: Stack, client: httpx.Client) -> None:
     """Past WORKER_REDIS_RETRY_S the worker gives the task back to the queue instead of acknowledging it.
 
-    The task runs again soon after Redis is back, well before the visibility timeout would have
-    restored it (without the requeue it was acknowledged and never ran again).
+    The task goes on soon after Redis is back (its lease lapsed meanwhile; the requeued message
+    and the takeover, whichever comes first, run it), well before the visibility timeout would
+    have restored it (without the requeue it was acknowledged and never ran again).
     """
     task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=48)
     wait_for_attempt(client, task_id, 1)
@@ -184,15 +173,14 @@ def test_redis_away_longer_than_the_worker_waits_requeues_the_task(stack: Stack,
 
     final, seen = poll_until_finished(client, task_id)
     assert final.status == TaskStatus.succeeded and final.attempt == 2, final.error
-    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text
+    assert "".join(c.text for v in seen for c in v.chunks) == final.text
 
 
-def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, client: httpx.Client) -> None:
+def test_a_second_delivery_of_a_running_task_is_not_run(stack: Stack, client: httpx.Client) -> None:
     """What a broker blip can do (celery #5935): the same task delivered to a second worker while the first runs it.
 
-    The newer attempt restarts the stream; the older one notices at its next token, stops, and its
-    chunks and result are dropped, so pollers see one attempt's text and one result. The two
-    attempts sample, so they write different texts: mixed, they would show.
+    The first holds the task's lease, so the second delivery is dropped without running (it used
+    to restart the answer in a new attempt): one attempt, its whole text, one result.
     """
     stack.start_worker("second")
     try:
@@ -203,11 +191,12 @@ def test_a_second_delivery_of_a_running_task_takes_over_cleanly(stack: Stack, cl
         first_worker = view(client, task_id).worker
         send_raw(stack, task_id, body.model_dump(mode="json"))
         final, seen = poll_until_finished(client, task_id)
+        logs = "".join(log.read_text() for log in stack.logs.glob("*.log"))
     finally:
         stack.stop_worker("second")  # the other tests expect the stack's one worker
-    assert final.status == TaskStatus.succeeded and final.attempt == 2
-    assert final.worker != first_worker, "the superseded attempt's result was stored"
-    assert "".join(c.text for v in seen if v.attempt == 2 for c in v.chunks) == final.text, "two attempts mixed"
+    assert final.status == TaskStatus.succeeded and final.attempt == 1 and final.worker == first_worker
+    assert f"task {task_id}: not run (held)" in logs
+    assert "".join(c.text for v in seen for c in v.chunks) == final.text
 
 
 def test_redis_refusing_writes_mid_generation_pauses_the_task_and_loses_nothing(
@@ -355,33 +344,10 @@ def test_a_response_stream_rides_out_a_redis_restart(stack: Stack, client: httpx
     assert rest[-1].type == "response.incomplete" and text_of(seen + rest) == final.output_text
 
 
-def test_a_response_whose_worker_died_never_joins_two_attempts(stack: Stack, sdk: openai.OpenAI) -> None:
-    """Until takeover continues the text, a new attempt restarts it: a stream that has shown the old
-    attempt's text ends with an error event, a resume from it is refused, and a fresh stream shows
-    the new attempt's text under numbers that never go back."""
-    stream = sdk.responses.create(model=MODEL, input=STORY, temperature=0, max_output_tokens=48, background=True,
-                                  stream=True)
-    seen = read_until_text(stream, 2)
-    response_id = seen[0].response.id
-    replace_worker(stack)
-    rest = list(stream)
-    assert rest[-1].type == "error" and rest[-1].code == "answer_restarted", [e.type for e in rest]
-    assert_numbered_once(seen + rest)
-
-    resumed = list(sdk.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number))
-    assert [e.type for e in resumed] == ["error"] and resumed[0].code == "answer_restarted"
-    fresh = list(sdk.responses.retrieve(response_id, stream=True))
-    final = sdk.responses.retrieve(response_id)
-    assert final.status == "incomplete" and text_of(fresh) == final.output_text
-    deltas = [e.sequence_number for e in fresh if e.type == "response.output_text.delta"]
-    assert_numbered_once(fresh)
-    assert min(deltas) > rest[-1].sequence_number
-
-
 def test_logs_hold_no_prompt(stack: Stack, client: httpx.Client) -> None:
     """Last in this module: every test before it sent SECRET_NAME in its prompts, down every path
     that logs (a killed worker, a task given up, one the worker could not read, a requeue, Redis
-    refusing writes, a superseded attempt, a time limit), and none of that may reach a log."""
+    refusing writes, a duplicate delivery, a time limit), and none of that may reach a log."""
     poll_until_finished(client, submit(client, prompt=f"Repeat: {SECRET_NAME}", temperature=0, max_new_tokens=4))
     logs = list(Path(stack.logs).glob("*.log"))
     assert len(logs) >= 4, [log.name for log in logs]
