@@ -236,3 +236,20 @@ def test_openai_and_llama_cpp_routes_never_fail_on_hostile_bodies(fuzz_client: h
             assert response.json()["error"]["message"], "a refusal says why, in the family's envelope"
 
     post()
+
+
+@pytest.mark.parametrize(
+    ("path", "rest"),
+    [
+        ("/v1/chat/completions", b'"messages": [{"role": "user", "content": "hi"}]'),
+        ("/v1/completions", b'"prompt": "hi"'),
+        ("/v1/responses", b'"input": "hi"'),
+    ],
+)
+def test_a_model_name_holding_a_lone_surrogate_is_a_404_in_openais_envelope(
+    fuzz_client: httpx.Client, path: str, rest: bytes
+) -> None:
+    """What the fuzz found: the refusal quoted the name, and the answer could not be encoded (a 500)."""
+    payload = b'{"model": "\\ud800", ' + rest + b"}"
+    response = fuzz_client.post(path, content=payload, headers={"content-type": "application/json"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", response.text

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from app.errors import REDIS_DOWN
+from app.errors import REDIS_DOWN, AsciiJSONResponse
 from app.llamacpp.protocol import ErrorDetail, ErrorResponse
 
 # The internal request's field names, as llama.cpp calls them.
@@ -25,8 +25,9 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_fo
 
 
 def envelope(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """ASCII, since a message may quote what the client sent."""
     detail = ErrorDetail(code=status, message=message, type=TYPES.get(status, "invalid_request_error"))
-    return JSONResponse(status_code=status, content=ErrorResponse(error=detail).model_dump(), headers=headers)
+    return AsciiJSONResponse(status_code=status, content=ErrorResponse(error=detail).model_dump(), headers=headers)
 
 
 class LlamaCppRoute(APIRoute):

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from app.errors import REDIS_DOWN
+from app.errors import REDIS_DOWN, AsciiJSONResponse
 from app.openai.protocol import ErrorDetail, ErrorResponse
 
 # The internal request's field names, as OpenAI's parameters call them: in Chat and Completions,
@@ -37,7 +37,8 @@ class OpenAIError(Exception):
 
 
 def envelope(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorResponse(error=detail).model_dump(), headers=headers)
+    """ASCII, since a message may quote what the client sent (a `model` holding a lone surrogate)."""
+    return AsciiJSONResponse(status_code=status, content=ErrorResponse(error=detail).model_dump(), headers=headers)
 
 
 async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
