@@ -81,7 +81,9 @@ STORY = "Once upon a time a lighthouse keeper said: the END is near, then slept.
 
 @pytest.mark.parametrize("stop", [(), ("lighthouse keeper",), ("END",)])
 @pytest.mark.parametrize("handed_back", [False, True])
-def test_an_answer_taken_up_after_any_token_ends_as_one_attempt_would_have(tokenizer, stop, handed_back) -> None:  # type: ignore[no-untyped-def]
+def test_an_answer_taken_up_after_any_token_ends_as_one_attempt_would_have(  # type: ignore[no-untyped-def]
+    tokenizer, stop, handed_back
+) -> None:
     """The first attempt dies (or hands back) after each token in turn; the next replays the
     published tokens and goes on with the same ones a greedy model would give. The published
     text plus the new chunks is the uninterrupted text, a stop string spanning the takeover point

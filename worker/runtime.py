@@ -190,10 +190,11 @@ class WorkerRuntime:
         first = started.first_started_at
         enqueued_at = self.store.enqueued_at(task_id) or first
         earlier_s = started.started_at - first
+        time_to_first_token = outcome.time_to_first_token_s
         if published.first_chunk_at is not None:
-            time_to_first_token: float | None = published.first_chunk_at - first
-        else:
-            time_to_first_token = None if outcome.time_to_first_token_s is None else earlier_s + outcome.time_to_first_token_s
+            time_to_first_token = published.first_chunk_at - first
+        elif time_to_first_token is not None:
+            time_to_first_token += earlier_s
         generation_s = earlier_s + outcome.generation_s
         return GenerationResult(
             text=outcome.text,
