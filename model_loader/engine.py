@@ -4,9 +4,9 @@ A task hands the engine prompt ids, sampling parameters, an `on_chunk` callback 
 token ids it came from) and an `interruption` check (why generation must end now, if it must:
 "cancelled", "timeout", or "superseded" and "handed_back", after which another attempt goes on);
 it gets back an `Outcome`. A `Resume` takes up an answer an earlier attempt began: its tokens
-follow the prompt, and generation goes on after them. `SequentialEngine` runs one generation at a time
-with `model.generate`; `BatchingEngine` batches the decoding steps of concurrent tasks on the
-same model. Both feed tokens through a `TokenSink`, so streaming, stop strings and cancellation
+follow the prompt, and generation goes on after them. `SequentialEngine` runs one generation at
+a time with `model.generate`; `BatchingEngine` batches the decoding steps of concurrent tasks on
+the same model. Both feed tokens through a `TokenSink`, so streaming, stop strings and cancellation
 behave the same in either.
 """
 

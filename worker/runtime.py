@@ -126,6 +126,8 @@ class WorkerRuntime:
             self.leases.let_go(task_id)
 
     def _attempt(self, task_id: str, request: GenerateRequest, worker: str, started: Started) -> None:
+        """Go on from whatever earlier attempts published; an engine failure or this worker's stop
+        hands the task on to the next free worker at once, rather than leaving it to its lease."""
         attempt = started.attempt
         published = self.store.published(task_id) if attempt > 1 else Published([], "", None)
         try:
