@@ -18,7 +18,8 @@ from app.body_limit import BodyLimit
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
 from app.llamacpp import routes as llamacpp
-from app.routes import generate, health, tasks
+from app.metrics import CountRejections
+from app.routes import generate, health, metrics, page, tasks
 from app.security import authenticate
 from core.protocol import ErrorBody
 from core.redis_client import connect, connect_async
@@ -39,7 +40,7 @@ def build_services() -> Services:
         settings=settings,
         redis=client,
         aredis=connect_async(settings.redis_url, longest_block_s=streams.BLOCK_MS / 1000),
-        store=TaskStore(client, settings.result_ttl_s),
+        store=TaskStore(client, settings.result_ttl_s, model=model_name(settings)),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
         tokenizer=load_tokenizer(folder, specials_as_text=False),
@@ -100,10 +101,11 @@ UNAUTHORIZED: dict[int | str, dict[str, object]] = {
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Every route but /health (and the OpenAPI docs) checks the API key, when keys are set."""
+    """Every route but /health, /metrics (and the OpenAPI docs) checks the API key, when keys are set."""
     app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(CountRejections)  # outside BodyLimit, so its 413s are counted too
     app.add_middleware(OptionalTrailingSlash)
     if settings.cors_origin_list:
         app.add_middleware(
@@ -115,6 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (generate, tasks, llamacpp):
         app.include_router(module.router, dependencies=[Depends(authenticate)], responses=UNAUTHORIZED)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(page.router)  # the chat page: no key, like /health; it sends the key itself
     openai_app = create_openai_app()
     app.mount("/v1", openai_app)
     app.state.families = [openai_app]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import redis
 from redis.commands.core import Script
 
+from core import metrics
 from core.protocol import NOT_COMPLETED, SUPERSEDED, Chunk, GenerationResult, TaskStatus, TaskView
 from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
@@ -39,10 +40,11 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: record, leases. ARGV: task id, ttl, lease ms, started_at, then field/value pairs.
-# Starts an attempt when the task is queued, or running with nobody holding it (its lease was
-# reclaimed or handed back): counts the attempt up, makes it the holder and grants its lease, in
-# one step, so two deliveries that start at once cannot both hold the task. Returns {status
+# KEYS: record, leases, metrics. ARGV: task id, ttl, lease ms, started_at, the metrics field that
+# counts takeovers, then field/value pairs. Starts an attempt when the task is queued, or running
+# with nobody holding it (its lease was reclaimed or handed back): counts the attempt up, makes it
+# the holder and grants its lease, in one step, so two deliveries that start at once cannot both
+# hold the task. Returns {status
 # found, attempt, attempts handed back, first started_at}; 'held' as the status when another
 # attempt holds a live lease (the delivery is a duplicate).
 _START_LUA = _NOW_MS + """
@@ -52,7 +54,8 @@ if status ~= 'queued' and status ~= 'running' then return {status, 0, 0, '0'} en
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= '0' then return {'held', tonumber(holder), 0, '0'} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'holder', attempt, unpack(ARGV, 5))
+if attempt > 1 then redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], 1) end
+redis.call('HSET', KEYS[1], 'holder', attempt, unpack(ARGV, 6))
 redis.call('HSETNX', KEYS[1], 'first_started_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[1])
@@ -60,21 +63,24 @@ local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
 return {status, attempt, handed_back, redis.call('HGET', KEYS[1], 'first_started_at')}
 """
 
-# KEYS: record, chunks, leases. ARGV: task id, allowed statuses (comma-separated), ttl, the attempt
-# that must hold the task ('' for any, '0' for nobody), then field/value pairs. Applies the fields
+# KEYS: record, chunks, leases, metrics. ARGV: task id, allowed statuses (comma-separated), ttl,
+# the attempt that must hold the task ('' for any, '0' for nobody), the number n of metrics
+# increments that follow as (field, amount) pairs, then field/value pairs. Applies the fields
 # only if the current status is allowed and the holder matches; a status that ends the task also
-# drops its lease and its stored request, and ends its stream with an `end` entry, so readers
-# blocked on the stream learn of it at once. Returns the status found, or 'superseded' when the
-# holder did not match.
+# drops its lease and its stored request, adds the increments (so an ended task is counted once),
+# and ends its stream with an `end` entry, so readers blocked on the stream learn of it at once.
+# Returns the status found, or 'superseded' when the holder did not match.
 _TRANSITION_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if not string.find(',' .. ARGV[2] .. ',', ',' .. status .. ',', 1, true) then return status end
 if ARGV[4] ~= '' and (redis.call('HGET', KEYS[1], 'holder') or '0') ~= ARGV[4] then return 'superseded' end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+local fields_from = 6 + 2 * tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, fields_from))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local now = redis.call('HGET', KEYS[1], 'status')
 if now == 'succeeded' or now == 'failed' or now == 'cancelled' then
+  for i = 6, fields_from - 1, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], 'holder', '0')
   redis.call('HDEL', KEYS[1], 'request')
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -189,12 +195,15 @@ class Published:
 
 
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl_s: int, retry_s: float = 0, lease_s: float = 8.0) -> None:
+    def __init__(
+        self, client: redis.Redis, ttl_s: int, retry_s: float = 0, lease_s: float = 8.0, model: str = ""
+    ) -> None:
         """`retry_s`: how long a script that meets a transient error (out of memory, READONLY) is
         retried, as the client itself retries plain commands; 0 raises at once (the API's 503).
-        `lease_s`: how long a started or renewed lease lasts."""
+        `lease_s`: how long a started or renewed lease lasts. `model`: the metrics' model label."""
         self.redis = client
         self.ttl_s = ttl_s
+        self.model = model
         self.retry_s = retry_s
         self.lease_ms = round(lease_s * 1000)
         self._start_script = client.register_script(_START_LUA)
@@ -260,10 +269,10 @@ class TaskStore:
         """
         now = time.time()
         fields = {"status": TaskStatus.running, "started_at": now, "worker": worker, "request": request}
-        args: list[object] = [task_id, self.ttl_s, self.lease_ms, now]
+        args: list[object] = [task_id, self.ttl_s, self.lease_ms, now, metrics.takeover(self.model)]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY], args)
+        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY, metrics.KEY], args)
         if not found:
             return Started(attempt=0, found=None)
         status, attempt, handed_back, first_started_at = found
@@ -330,7 +339,8 @@ class TaskStore:
         its worker. Returns the status found: None means no such task; a finished status means
         nothing was changed."""
         cancelled = {"status": TaskStatus.cancelled, "finish_reason": "cancelled"}
-        before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, cancelled, holder=0)
+        counted = metrics.task_ended(self.model, TaskStatus.cancelled, "cancelled", None)
+        before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, cancelled, 0, counted)
         if before == SUPERSEDED:  # an attempt holds it: its worker stops at its next token
             before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
         return TaskStatus(before) if before else None
@@ -348,12 +358,15 @@ class TaskStore:
         """
         status = TaskStatus.cancelled if result.finish_reason == "cancelled" else TaskStatus.succeeded
         fields = {"status": status, "result": result.model_dump_json()}
-        return self._transition(task_id, {TaskStatus.running}, fields, holder=attempt) == TaskStatus.running
+        counted = metrics.task_ended(self.model, status, result.finish_reason, result)
+        found = self._transition(task_id, {TaskStatus.running}, fields, holder=attempt, counted=counted)
+        return found == TaskStatus.running
 
     def fail(self, task_id: str, error: str, attempt: int | None = None) -> None:
         """End the task `failed`, unless it has already ended or (given `attempt`) another attempt holds it."""
         fields = {"status": TaskStatus.failed, "error": error}
-        self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, holder=attempt)
+        counted = metrics.task_ended(self.model, TaskStatus.failed, None, None)
+        self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, fields, holder=attempt, counted=counted)
 
     def fail_unreadable(self, task_id: str, error: str) -> None:
         """End the task `failed` after Redis refused its writes for good (its stream key holds
@@ -382,17 +395,27 @@ class TaskStore:
         return found.decode() if found else None
 
     def _transition(
-        self, task_id: str, allowed: set[TaskStatus], fields: dict[str, object], holder: int | None = None
+        self,
+        task_id: str,
+        allowed: set[TaskStatus],
+        fields: dict[str, object],
+        holder: int | None = None,
+        counted: metrics.Increments | None = None,
     ) -> str | None:
         """Compare-and-set in one Lua call, so the API's cancel and the worker's writes cannot interleave.
 
         Returns the status found (the fields were applied if it is in `allowed`), SUPERSEDED when
-        the task is not held by `holder` (0: by nobody), None for an unknown task.
+        the task is not held by `holder` (0: by nobody), None for an unknown task. `counted` is
+        added to the metrics if this transition ends the task.
         """
         args: list[object] = [task_id, ",".join(sorted(allowed)), self.ttl_s, "" if holder is None else holder]
+        counted = counted or []
+        args.append(len(counted))
+        for name, amount in counted:
+            args += [name, amount]
         for key, value in fields.items():
             args += [key, str(value)]
-        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY]
+        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY, metrics.KEY]
         found = self._eval(self._transition_script, keys, args)
         return found.decode() if found else None
 

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.protocol import TaskStatus, TaskView
 from core.settings import Settings
@@ -74,6 +75,13 @@ def wait_for_attempt(stack: Stack, task_id: str, attempt: int, timeout_s: float)
     return time.monotonic() - started
 
 
+def takeovers_counted(client: httpx.Client) -> float:
+    """The fleet's takeover counter, as Prometheus reads it from /metrics."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    samples = [s for f in families for s in f.samples if s.name == "queued_llama_request_takeovers_total"]
+    return sum(s.value for s in samples)
+
+
 def streaming(client: httpx.Client, task_id: str) -> TaskView:
     return poll_until(client, task_id, lambda v: len(v.chunks) >= 3)
 
@@ -90,6 +98,7 @@ def assert_one_answer(before: TaskView, seen: list[TaskView], final: TaskView, r
 def test_a_killed_worker_is_taken_over_within_the_bound_and_the_answer_goes_on(
     stack: Stack, client: httpx.Client, reference: TaskView
 ) -> None:
+    takeovers = takeovers_counted(client)
     task_id = submit(client, **BODY)
     before = streaming(client, task_id)
     stack.stop_worker(holder(stack, before), kill=True)
@@ -98,6 +107,7 @@ def test_a_killed_worker_is_taken_over_within_the_bound_and_the_answer_goes_on(
     final, seen = poll_until_finished(client, task_id, after=before.cursor)
     stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
     assert_one_answer(before, seen, final, reference)
+    assert takeovers_counted(client) == takeovers + 1
 
 
 def test_a_frozen_worker_is_taken_over_and_its_late_writes_are_dropped(

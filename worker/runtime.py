@@ -74,6 +74,7 @@ class WorkerRuntime:
             settings.result_ttl_s,
             retry_s=settings.worker_redis_retry_s,
             lease_s=settings.lease_s,
+            model=loaded.name,
         )
         return cls(
             settings=settings,
