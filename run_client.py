@@ -27,6 +27,7 @@ from core.protocol import (
     ErrorBody,
     GenerateAccepted,
     GenerateRequest,
+    QueuePlace,
     Role,
     StreamedChunk,
     TaskStatus,
@@ -178,6 +179,11 @@ def follow(client: httpx.Client, task_id: str, timeout_s: float) -> Iterator[Tas
                         return
                     if event.event == "error":
                         raise TaskFailed(f"task {task_id}: {event.json().get('detail')}")
+                    if event.event == "queued":
+                        place = QueuePlace.model_validate(event.json())
+                        yield TaskView(task_id=task_id, status=TaskStatus.queued, text="", chunks=[],
+                                       cursor=last_id or "0-0", **place.model_dump())
+                        continue
                     last_id = event.id
                     chunk = StreamedChunk.model_validate(event.json())
                     yield TaskView(
@@ -204,6 +210,14 @@ def fetch(client: httpx.Client, task_id: str, params: dict[str, str]) -> TaskVie
     return TaskView.model_validate(response.json())
 
 
+def in_line(position: int, estimated_start_s: float | None) -> str:
+    """"3rd in line, about 20 s": position 0 is next, so it is 1st in line."""
+    n = position + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    wait = "" if estimated_start_s is None else f", about {estimated_start_s:.0f} s"
+    return f"{n}{suffix} in line{wait}"
+
+
 def stream_text(views: Iterable[TaskView]) -> TaskView:
     """Write each new chunk as it arrives; the last view, which holds the result, is returned.
 
@@ -212,7 +226,11 @@ def stream_text(views: Iterable[TaskView]) -> TaskView:
     """
     view: TaskView | None = None
     last_char = "\n"
+    told: int | None = None
     for view in views:
+        if view.queue_position is not None and view.queue_position != told:
+            print(f"[{in_line(view.queue_position, view.estimated_start_s)}]", file=sys.stderr, flush=True)
+            told = view.queue_position
         for chunk in view.chunks:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()

@@ -24,15 +24,16 @@ class WorkerState:
     name: str
     ready: bool
     seen_at: float
+    slots: int = 1  # tasks it runs at once (WORKER_CONCURRENCY)
 
 
 class Heartbeats:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def beat(self, name: str, ready: bool) -> None:
+    def beat(self, name: str, ready: bool, slots: int) -> None:
         """`ready` False says the worker is alive but cannot generate now (its engine is recovering)."""
-        self.redis.hset(KEY, name, json.dumps({"ready": ready, "at": time.time()}))
+        self.redis.hset(KEY, name, json.dumps({"ready": ready, "at": time.time(), "slots": slots}))
 
     def remove(self, name: str) -> None:
         self.redis.hdel(KEY, name)
@@ -52,4 +53,6 @@ class Heartbeats:
 
 def _parse(name: bytes, value: bytes) -> WorkerState:
     fields = json.loads(value)
-    return WorkerState(name=name.decode(), ready=bool(fields["ready"]), seen_at=float(fields["at"]))
+    return WorkerState(
+        name=name.decode(), ready=bool(fields["ready"]), seen_at=float(fields["at"]), slots=int(fields.get("slots", 1))
+    )

@@ -234,9 +234,23 @@ class TaskView(BaseModel):
     message: str | None = Field(
         None, description="'Task not completed yet' until the task ends (what simple pollers wait to disappear)."
     )
+    queue_position: int | None = Field(
+        None, description="While queued: how many tasks will start before this one (0: it is next)."
+    )
+    estimated_start_s: float | None = Field(
+        None, description="While queued: about how many seconds until it starts, from recent task durations; "
+        "null until the workers have finished a task."
+    )
 
 
 NOT_COMPLETED = "Task not completed yet"
+
+
+class QueuePlace(BaseModel):
+    """Where a queued task stands: what `GET /task/{id}` adds to its view, and the `queued` event's data."""
+
+    queue_position: int
+    estimated_start_s: float | None
 
 
 class CancelAccepted(BaseModel):

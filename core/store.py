@@ -30,6 +30,12 @@ from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
 START_CURSOR = "0-0"
 LEASES_KEY = "tasks:leases"
+# The tasks whose message waits in the queue, in the order they were sent: a task's rank here is
+# its place among the new tasks (tasks taken over from a worker go ahead of them all).
+QUEUED_KEY = "tasks:queued"
+# How long the last few answers took to generate: what a queued task's expected wait is made of.
+RECENT_KEY = "tasks:recent_generation_s"
+RECENT = 50
 # A record whose message was never sent (the API died in between) expires after this.
 UNSENT_TTL_S = 600
 
@@ -40,7 +46,7 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: record, leases, metrics. ARGV: task id, ttl, lease ms, started_at, the metrics field that
+# KEYS: record, leases, metrics, queued. ARGV: task id, ttl, lease ms, started_at, the metrics field that
 # counts takeovers, then field/value pairs. Starts an attempt when the task is queued, or running
 # with nobody holding it (its lease was reclaimed or handed back): counts the attempt up, makes it
 # the holder and grants its lease, in one step, so two deliveries that start at once cannot both
@@ -54,6 +60,7 @@ if status ~= 'queued' and status ~= 'running' then return {status, 0, 0, '0'} en
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= '0' then return {'held', tonumber(holder), 0, '0'} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('ZREM', KEYS[4], ARGV[1])
 if attempt > 1 then redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], 1) end
 redis.call('HSET', KEYS[1], 'holder', attempt, unpack(ARGV, 6))
 redis.call('HSETNX', KEYS[1], 'first_started_at', ARGV[4])
@@ -63,7 +70,7 @@ local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
 return {status, attempt, handed_back, redis.call('HGET', KEYS[1], 'first_started_at')}
 """
 
-# KEYS: record, chunks, leases, metrics. ARGV: task id, allowed statuses (comma-separated), ttl,
+# KEYS: record, chunks, leases, metrics, queued. ARGV: task id, allowed statuses (comma-separated), ttl,
 # the attempt that must hold the task ('' for any, '0' for nobody), the number n of metrics
 # increments that follow as (field, amount) pairs, then field/value pairs. Applies the fields
 # only if the current status is allowed and the holder matches; a status that ends the task also
@@ -84,6 +91,7 @@ if now == 'succeeded' or now == 'failed' or now == 'cancelled' then
   redis.call('HSET', KEYS[1], 'holder', '0')
   redis.call('HDEL', KEYS[1], 'request')
   redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('XADD', KEYS[2], '*', 'end', now)
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
@@ -135,11 +143,13 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HGET', KEYS[1], 'request') or false
 """
 
-# KEYS: record. Takes the expiry off a record that is still queued (one a worker has started
-# keeps the expiry its start set).
+# KEYS: record, queued. ARGV: task id. Takes the expiry off a record that is still queued (one a
+# worker has started keeps the expiry its start set), and puts the task in line.
 _HOLD_LUA = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then return redis.call('PERSIST', KEYS[1]) end
-return 0
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local clock = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(clock[1]) * 1000000 + tonumber(clock[2]), ARGV[1])
+return redis.call('PERSIST', KEYS[1])
 """
 
 # KEYS: record, chunks. ARGV: where the range starts ('-', or '(<cursor>' for the entries after a
@@ -239,7 +249,7 @@ class TaskStore:
         and the worker that finally takes it would find nothing to run. The worker's start (or a
         cancel) sets the expiry again.
         """
-        self._eval(self._hold_script, [record_key(task_id)], [])
+        self._eval(self._hold_script, [record_key(task_id), QUEUED_KEY], [task_id])
 
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
@@ -255,6 +265,7 @@ class TaskStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(record_key(task_id), chunks_key(task_id))
         pipe.zrem(LEASES_KEY, task_id)
+        pipe.zrem(QUEUED_KEY, task_id)
         pipe.execute()
 
     def enqueued_at(self, task_id: str) -> float | None:
@@ -272,7 +283,7 @@ class TaskStore:
         args: list[object] = [task_id, self.ttl_s, self.lease_ms, now, metrics.takeover(self.model)]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY, metrics.KEY], args)
+        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY, metrics.KEY, QUEUED_KEY], args)
         if not found:
             return Started(attempt=0, found=None)
         status, attempt, handed_back, first_started_at = found
@@ -326,6 +337,14 @@ class TaskStore:
         now_ms = seconds * 1000 + micros // 1000
         return [task_id.decode() for task_id, deadline in earliest if deadline <= now_ms]
 
+    def queue_rank(self, task_id: str) -> int | None:
+        """The task's place among the new tasks waiting (0: the first); None once it has left the queue."""
+        return self.redis.zrank(QUEUED_KEY, task_id)
+
+    def recent_generation_s(self) -> list[float]:
+        """How long the last few answers took to generate, newest first."""
+        return [float(value) for value in self.redis.lrange(RECENT_KEY, 0, -1)]
+
     def stop_reason(self, task_id: str, attempt: int) -> str | None:
         """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' when it no longer
         holds the task. One round trip, asked after every token."""
@@ -360,7 +379,13 @@ class TaskStore:
         fields = {"status": status, "result": result.model_dump_json()}
         counted = metrics.task_ended(self.model, status, result.finish_reason, result)
         found = self._transition(task_id, {TaskStatus.running}, fields, holder=attempt, counted=counted)
-        return found == TaskStatus.running
+        if found != TaskStatus.running:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(RECENT_KEY, result.timings.generation_s)
+        pipe.ltrim(RECENT_KEY, 0, RECENT - 1)
+        pipe.execute()
+        return True
 
     def fail(self, task_id: str, error: str, attempt: int | None = None) -> None:
         """End the task `failed`, unless it has already ended or (given `attempt`) another attempt holds it."""
@@ -415,7 +440,7 @@ class TaskStore:
             args += [name, amount]
         for key, value in fields.items():
             args += [key, str(value)]
-        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY, metrics.KEY]
+        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY, metrics.KEY, QUEUED_KEY]
         found = self._eval(self._transition_script, keys, args)
         return found.decode() if found else None
 

@@ -3,19 +3,32 @@
 Each test names one promise of docker-compose.yml or the Dockerfile that the deployment relies on
 (Redis persists and stays private, workers scale and get the GPU, one image serves both roles),
 and the ones that make it safe by default (a password on Redis, no open API by accident, workers
-that hand their tasks back when they stop).
+that hand their tasks back when they stop). The `monitoring` profile (Flower, Prometheus) is read
+the same way, with monitoring/prometheus.yml; the few commands a container runs by itself (Flower's
+start, the worker's healthcheck) are run here too, against a real redis-server.
 """
 
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
+from celery.utils.nodenames import default_nodename
 from redis.connection import parse_url
 
+from core import heartbeats
 from core.settings import Settings
+from devstack.processes import free_port
+from devstack.redis_server import start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID_DEFAULT = "${MODEL_ID:-meta-llama/Llama-2-7b-chat-hf}"
@@ -276,3 +289,223 @@ def test_dockerfile_runs_as_non_root(dockerfile: list[str]) -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".cache", "var", ".git", ".env"} <= ignored
+
+
+# --- The monitoring profile: Flower and Prometheus, only with `docker compose --profile monitoring up` ---
+
+DEFAULT_SERVICES = {"redis", "api", "worker"}
+MONITORING_SERVICES = {"flower", "prometheus"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict:
+    return yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+
+
+def strings(node: object) -> list[str]:
+    """Every string value in a parsed compose file: compose interpolates all of them, in any service."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in strings(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in strings(value)]
+    return []
+
+
+def depends_on(service: dict) -> dict[str, dict]:
+    value = service.get("depends_on", {})
+    assert isinstance(value, dict), f"depends_on as a list has no condition: {value}"
+    return value
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of --name=value or --name value."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{name}="):
+            return arg.partition("=")[2]
+        if arg == name:
+            return args[i + 1]
+    raise AssertionError(f"{name} missing from {args}")
+
+
+def test_monitoring_services_run_only_with_the_profile(services: dict) -> None:
+    """A plain `docker compose up` starts redis, api and worker, as before; the rest waits for the profile."""
+    assert MONITORING_SERVICES <= set(services)
+    for name, service in services.items():
+        if name in DEFAULT_SERVICES:
+            assert "profiles" not in service, name
+        else:
+            assert service.get("profiles") == ["monitoring"], name
+    assert services["flower"]["image"].startswith("mher/flower:")
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    for name in MONITORING_SERVICES:
+        tag = services[name]["image"].rpartition(":")[2]
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name} is not pinned to a version: {tag}"
+
+
+def test_the_plain_up_needs_no_monitoring_setting(compose: dict, services: dict) -> None:
+    """Compose interpolates every service, in a profile or not: a required ${VAR:?} in Flower would
+    stop the plain `up` too. And no default service may wait on one that only the profile starts."""
+    for value in strings(compose):
+        interpolate(value, {"REDIS_PASSWORD": "s3cret"})
+    for name in DEFAULT_SERVICES:
+        for dependency in depends_on(services[name]):
+            assert "profiles" not in services[dependency], f"{name} depends on {dependency}, in a profile"
+
+
+def test_workers_send_task_events_under_their_default_name(services: dict) -> None:
+    """Flower sees tasks only from workers started with -E; the worker's healthcheck looks for
+    celery@<hostname>, Celery's default node name, so the command must not rename the worker."""
+    args = command(services["worker"])
+    assert "-E" in args or "--task-events" in args
+    assert not {"-n", "--hostname"} & set(args)
+    assert not any(arg.startswith("--hostname=") for arg in args)
+
+
+def test_flower_watches_the_apps_redis_with_its_password(services: dict) -> None:
+    env = {"REDIS_PASSWORD": "s3cret"}
+    broker = interpolate(environment(services["flower"])["CELERY_BROKER_URL"], env)
+    assert parse_url(broker) == {"password": "s3cret", "host": "redis", "port": 6379, "db": 0}
+    assert broker == interpolate(environment(services["api"])["REDIS_URL"], env)
+
+
+def flower_start(tmp_path: Path, services: dict, basic_auth: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    """Flower's command as its container runs it, with a stand-in `celery` that records its arguments."""
+    args = command(services["flower"])
+    assert args[:2] == ["sh", "-c"]
+    script = args[2].replace("$$", "$")  # compose's escape for a literal $
+    record = tmp_path / "celery-args"
+    fake = tmp_path / "bin" / "celery"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    if basic_auth is not None:
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=10)
+    return result, record
+
+
+@pytest.mark.parametrize("basic_auth", [None, "", "admin", "admin:", ":s3cret"])
+def test_flower_refuses_to_start_without_basic_auth(tmp_path: Path, services: dict, basic_auth: str | None) -> None:
+    """Flower shows every task and can revoke them and stop workers: never open by omission."""
+    result, record = flower_start(tmp_path, services, basic_auth)
+    assert result.returncode != 0
+    assert "FLOWER_BASIC_AUTH" in result.stderr
+    assert not record.exists()
+
+
+def test_flower_starts_with_basic_auth_on_its_published_port(tmp_path: Path, services: dict) -> None:
+    result, record = flower_start(tmp_path, services, "admin:s3cret")
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().split()
+    assert args[0] == "flower"
+    port = flag(args, "--port")
+    assert any(interpolate(p, {}).endswith(f":{port}") for p in services["flower"]["ports"])
+    # Flower reads FLOWER_BASIC_AUTH itself; compose passes it through, with no default.
+    assert interpolate(environment(services["flower"])["FLOWER_BASIC_AUTH"], {"FLOWER_BASIC_AUTH": "a:b"}) == "a:b"
+    assert interpolate(environment(services["flower"])["FLOWER_BASIC_AUTH"], {}) == ""
+
+
+@pytest.mark.parametrize(("name", "port"), [("flower", 5555), ("prometheus", 9090)])
+def test_monitoring_is_published_on_loopback_unless_told_otherwise(services: dict, name: str, port: int) -> None:
+    ports = services[name]["ports"]
+    assert len(ports) == 1
+    assert interpolate(ports[0], {}) == f"127.0.0.1:{port}:{port}"
+    assert interpolate(ports[0], {"MONITORING_HOST": "0.0.0.0"}) == f"0.0.0.0:{port}:{port}"
+
+
+def test_prometheus_scrapes_the_api_metrics_where_the_api_listens(services: dict, prometheus_config: dict) -> None:
+    """Compose does not interpolate a mounted file: the target must be the API's default port."""
+    api_port = interpolate(option(command(services["api"]), "--port"), {})
+    jobs = [job for job in prometheus_config["scrape_configs"] if job.get("metrics_path", "/metrics") == "/metrics"]
+    targets = [t for job in jobs for group in job["static_configs"] for t in group["targets"]]
+    assert f"api:{api_port}" in targets
+    host = targets[0].partition(":")[0]
+    assert host in services and host == "api"
+    job = jobs[0]
+    assert job.get("scheme", "http") == "http"
+    interval = duration_s(job.get("scrape_interval", prometheus_config["global"]["scrape_interval"]))
+    timeout = duration_s(job.get("scrape_timeout", prometheus_config["global"]["scrape_timeout"]))
+    assert interval <= 15
+    assert timeout <= interval  # Prometheus refuses a config where it is not
+
+
+def test_prometheus_config_is_mounted_read_only_and_its_data_kept(services: dict, compose: dict) -> None:
+    prometheus = services["prometheus"]
+    args = command(prometheus)
+    config_path = flag(args, "--config.file")
+    mounts = [m.split(":") for m in prometheus["volumes"]]
+    assert ["./monitoring/prometheus.yml", config_path, "ro"] in mounts
+    assert (ROOT / "monitoring" / "prometheus.yml").is_file()
+    assert named_volume_on(prometheus, flag(args, "--storage.tsdb.path"), compose) == "prometheus-data"
+
+
+def test_every_service_has_a_healthcheck(services: dict) -> None:
+    for name, service in services.items():
+        check = service.get("healthcheck")
+        assert check and not check.get("disable"), name
+        test = check["test"]
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL"), name
+        assert duration_s(check["timeout"]) < duration_s(check["interval"]), name
+        assert check["retries"] >= 1, name
+        if test[1:3] == ["python", "-c"]:
+            compile(test[3], f"{name} healthcheck", "exec")
+
+
+def test_depends_on_waits_for_what_can_be_waited_for(services: dict) -> None:
+    """Every dependency names its condition, and `service_healthy` only on a service with a healthcheck."""
+    for name, service in services.items():
+        for dependency, spec in depends_on(service).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            assert spec.get("condition") in CONDITIONS, f"{name} -> {dependency}"
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{name} waits for {dependency}, which has no healthcheck"
+    for name, dependency in [("api", "redis"), ("worker", "redis"), ("flower", "redis")]:
+        assert depends_on(services[name])[dependency]["condition"] == "service_healthy", name
+    # Started, not healthy: the API turns healthy only once a worker loaded the model.
+    assert depends_on(services["prometheus"])["api"]["condition"] in CONDITIONS
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    process = start_redis(url, tmp_path / "redis")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def worker_healthcheck(services: dict, redis_url: str) -> int:
+    test = services["worker"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", test[3]], env=env, cwd=ROOT, timeout=30).returncode
+
+
+def test_worker_healthcheck_wants_this_hosts_fresh_heartbeat(services: dict, private_redis: str) -> None:
+    """The check loads no model: it reads the heartbeat the worker writes into Redis every 2 s, under
+    the name Celery gives it by default (celery@<hostname>, the container's hostname)."""
+    me = default_nodename(None)
+    assert me == f"celery@{socket.gethostname()}"
+    client = redis.Redis.from_url(private_redis)
+
+    def beat(name: str, age_s: float = 0.0) -> None:
+        """An entry as a worker's heartbeat writes it (core/heartbeats.py), `age_s` old."""
+        client.hset(heartbeats.KEY, name, json.dumps({"ready": True, "at": time.time() - age_s}))
+
+    assert worker_healthcheck(services, private_redis) != 0  # nothing written yet
+    beat("celery@another-host")
+    assert worker_healthcheck(services, private_redis) != 0  # another container's worker
+    beat(me, age_s=heartbeats.STALE_S + 1)
+    assert worker_healthcheck(services, private_redis) != 0  # this one, but silent too long
+    beat(me)
+    assert worker_healthcheck(services, private_redis) == 0
+    assert worker_healthcheck(services, private_redis.replace("s3cret", "wrong")) != 0
+
+
+def test_worker_healthcheck_waits_out_the_model_load(services: dict) -> None:
+    """No failure counts while the model downloads and loads (minutes for Llama-2-7b on a first start)."""
+    assert duration_s(services["worker"]["healthcheck"]["start_period"]) >= 10 * 60

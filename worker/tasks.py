@@ -78,7 +78,10 @@ def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     renew this worker's leases and watch for lapsed ones."""
     runtime = generate.runtime
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
-    generate.heartbeat = Heartbeat(Heartbeats(runtime.store.redis), name, ready=lambda: runtime.engine.ready)
+    generate.heartbeat = Heartbeat(
+        Heartbeats(runtime.store.redis), name, ready=lambda: runtime.engine.ready,
+        slots=runtime.settings.worker_concurrency,
+    )
     generate.heartbeat.start()
     runtime.leases.start()
 

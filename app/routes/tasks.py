@@ -1,7 +1,9 @@
 """GET /task/{id}: progress, chunks after a cursor, and the result once finished; /events pushes
 the same as Server-Sent Events. DELETE cancels.
 
-A poll with `after` costs what is new: the chunks after the cursor, without the whole text.
+A poll with `after` costs what is new: the chunks after the cursor, without the whole text. A
+queued task's view says where it stands in the queue (`queue_position`, `estimated_start_s`), and
+its event stream says so again whenever that changes.
 """
 
 from collections.abc import AsyncIterator
@@ -14,6 +16,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
+from app.queue import places, queue_place
 from app.security import VisibleTaskId
 from app.streams import follow
 from core.protocol import CancelAccepted, ErrorBody, StreamedChunk, TaskStatus, TaskView
@@ -48,6 +51,8 @@ def get_task(
     view = services.store.view(task_id, after)
     if view is None:
         raise task_not_found(task_id)
+    if view.status == TaskStatus.queued and (place := queue_place(services, task_id)) is not None:
+        return view.model_copy(update=place.model_dump())
     return view
 
 
@@ -72,9 +77,13 @@ async def task_events(
         Header(pattern=CURSOR_PATTERN, description="Sent by EventSource when it reconnects; wins over `after`."),
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Each chunk as a `chunk` event whose `id` is its cursor, so an EventSource that reconnects
-    resumes after the last one it saw; then one `result` event with the task's final view (close
-    the EventSource on it, or it reconnects and is sent the result again). Pings keep it alive."""
+    """While the task waits, a `queued` event each time its place changes (`queue_position`,
+    `estimated_start_s`); then each chunk as a `chunk` event whose `id` is its cursor, so an
+    EventSource that reconnects resumes after the last one it saw; then one `result` event with
+    the task's final view (close the EventSource on it, or it reconnects and is sent the result
+    again). Pings keep it alive."""
+    async for place in places(services, task_id):
+        yield ServerSentEvent(event="queued", data=place.model_dump())
     async for entry in follow(services.aredis, task_id, last_event_id or after):
         if not entry.ended:
             chunk = StreamedChunk(text=entry.text or "", attempt=entry.attempt)
