@@ -15,6 +15,10 @@ and result dropped and learns that it was superseded. A delivery of a task that 
 duplicate and is not run. The chunks stay when a lease changes hands: the next attempt feeds the
 published tokens after the prompt and goes on, so the text and cursors a reader has seen stay
 valid.
+
+Beside them: the sorted set `tasks:queued` (the tasks sent and not yet started, in the order
+sent: their place in line), the last few generation times (a queued task's expected wait), and
+the fleet's metrics (`core.metrics`), which a task's end adds to in the same script that ends it.
 """
 
 import json
@@ -46,13 +50,13 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: record, leases, metrics, queued. ARGV: task id, ttl, lease ms, started_at, the metrics field that
-# counts takeovers, then field/value pairs. Starts an attempt when the task is queued, or running
-# with nobody holding it (its lease was reclaimed or handed back): counts the attempt up, makes it
-# the holder and grants its lease, in one step, so two deliveries that start at once cannot both
-# hold the task. Returns {status
-# found, attempt, attempts handed back, first started_at}; 'held' as the status when another
-# attempt holds a live lease (the delivery is a duplicate).
+# KEYS: record, leases, metrics, queued. ARGV: task id, ttl, lease ms, started_at, the metrics
+# field that counts takeovers, then field/value pairs. Starts an attempt when the task is queued,
+# or running with nobody holding it (its lease was reclaimed or handed back): takes it out of the
+# queue's line, counts the attempt up, makes it the holder and grants its lease, in one step, so
+# two deliveries that start at once cannot both hold the task. Returns {status found, attempt,
+# attempts handed back, first started_at}; 'held' as the status when another attempt holds a live
+# lease (the delivery is a duplicate).
 _START_LUA = _NOW_MS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
