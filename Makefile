@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(PY) -m devstack
 
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
