@@ -8,6 +8,7 @@ queued ones and a worker never meets a message without its record.
 
 import uuid
 
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -15,6 +16,7 @@ from app.deps import Services
 from app.errors import field_error
 from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
 from core.protocol import GenerateRequest
+from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
 from prompts import ChatFormatter, PromptTooLong, build_prompt
 from worker.celery_app import send_generate
@@ -83,7 +85,11 @@ def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None
 
 
 def _enqueue(body: GenerateRequest, services: Services, caller: str | None, annotation: str | None) -> str:
-    """Record, send, and only then let the record outlive a long queue; a failed send leaves nothing behind."""
+    """Record, send, and only then let the record outlive a long queue; a failed send leaves nothing behind.
+
+    With REDIS_MIN_REPLICAS, the task is accepted only once that many replicas hold its record and
+    its message, so a failover cannot lose it; else it is cancelled and the answer is a 503.
+    """
     task_id = str(uuid.uuid4())
     services.store.create(task_id, owner=caller, annotation=annotation)
     try:
@@ -92,4 +98,13 @@ def _enqueue(body: GenerateRequest, services: Services, caller: str | None, anno
         services.store.delete(task_id)
         raise
     services.store.hold_while_queued(task_id)
+    wanted = services.settings.redis_min_replicas
+    if wanted and not replicated(services.redis, wanted, REPLICA_WAIT_MS):
+        # The cancel keeps a queued task from running, unless it too is lost with the primary.
+        services.store.request_cancel(task_id)
+        raise HTTPException(
+            status_code=503,
+            detail=f"the task did not reach {wanted} Redis replica(s) within {REPLICA_WAIT_MS} ms; try again shortly",
+            headers={"Retry-After": "5"},
+        )
     return task_id

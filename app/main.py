@@ -35,11 +35,11 @@ def build_services() -> Services:
     """The tokenizer is loaded here (no torch) so that prompts are budgeted before they are queued."""
     settings = get_settings()
     folder = model_dir(settings, tokenizer_only=True)
-    client = connect(settings.redis_url)
+    client = connect(settings)
     return Services(
         settings=settings,
         redis=client,
-        aredis=connect_async(settings.redis_url, longest_block_s=streams.BLOCK_MS / 1000),
+        aredis=connect_async(settings, longest_block_s=streams.BLOCK_MS / 1000),
         store=TaskStore(client, settings.result_ttl_s, model=model_name(settings)),
         celery=celery_app,
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),

@@ -41,6 +41,7 @@ from devstack.processes import Stack
 from model_loader.engine import FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model
 from model_loader.sequential import SequentialEngine
+from worker.interruptions import Interruptions
 
 STORY = "Write a very long story about a lighthouse keeper and a storm."
 FINE_POLL_S = 0.01  # one poller timing its first chunk
@@ -82,18 +83,15 @@ def plain_generate(loaded: LoadedModel, ids: list[int], tokens: int) -> float:
 
 
 def streamed_engine(engine: SequentialEngine, store: TaskStore, ids: list[int], tokens: int) -> float:
-    """Our engine as a worker runs it: each chunk appended to a task's Redis stream, and after every token
-    the task's cancel flag and lease holder checked in Redis; timed like plain generate, call to last chunk."""
+    """Our engine as a worker runs it: each chunk appended to a task's Redis stream, which also says
+    whether the task was cancelled or taken over (read again when no chunk went out for 100 ms);
+    timed like plain generate, call to last chunk."""
     task_id = f"bench-{uuid.uuid4()}"
     store.create(task_id)
     attempt = store.start(task_id, "bench", "{}").attempt
+    interruptions = Interruptions(store, task_id, attempt, deadline=float("inf"), stopping=threading.Event())
     started = time.perf_counter()
-    outcome = engine.generate(
-        ids,
-        greedy(tokens),
-        on_chunk=lambda text, token_ids: store.append_chunk(task_id, attempt, text, token_ids),
-        interruption=lambda: store.stop_reason(task_id, attempt),
-    )
+    outcome = engine.generate(ids, greedy(tokens), on_chunk=interruptions.publish, interruption=interruptions)
     elapsed = time.perf_counter() - started
     store.delete(task_id)
     return outcome.completion_tokens / elapsed

@@ -15,6 +15,13 @@ class Settings(BaseSettings):
 
     # Where things run.
     redis_url: str = "redis://localhost:6379/0"
+    redis_sentinels: str = Field(
+        "", description="Comma-separated host:port of Redis Sentinels; empty means REDIS_URL's server is the one Redis."
+    )
+    redis_sentinel_master: str = Field("mymaster", description="The name the Sentinels know the primary by.")
+    redis_min_replicas: int = Field(
+        0, ge=0, description="Replicas that must hold a new task before the API answers 202; 0 waits for none."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str = Field("", description="Base URL clients use; empty means http://{api_host}:{api_port}.")
@@ -64,6 +71,11 @@ class Settings(BaseSettings):
             raise ValueError(f"LEASE_RENEW_S ({self.lease_renew_s}) must be shorter than LEASE_S ({self.lease_s})")
         return self
 
+    @model_validator(mode="after")
+    def _sentinels_readable(self) -> "Settings":
+        self.sentinel_addresses  # an entry that is not host:port fails at startup, not at the first connection
+        return self
+
     @property
     def visibility_timeout_s(self) -> int:
         """How long Redis waits for a delivered task's ack before handing it to another worker.
@@ -89,6 +101,18 @@ class Settings(BaseSettings):
         """Tokens one request may use: batched requests share the KV cache, and a request larger
         than the whole cache would stop the batching engine rather than wait for room."""
         return model_window if self.worker_concurrency == 1 else min(model_window, self.kv_cache_tokens)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs. With any, every client asks them for the primary, and
+        REDIS_URL gives only the password and the database number (its host and port are ignored)."""
+        addresses = []
+        for item in _split(self.redis_sentinels):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"REDIS_SENTINELS: {item!r} is not host:port")
+            addresses.append((host.strip("[]"), int(port)))
+        return addresses
 
     @property
     def base_url(self) -> str:

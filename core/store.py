@@ -102,12 +102,14 @@ end
 return status
 """
 
-# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids. Appends only while that attempt holds the task.
+# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids. Appends only while that attempt holds
+# the task, and answers why it must stop, if it must: the same call publishes and checks.
 _APPEND_LUA = """
-if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 'superseded' end
 redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then return 'cancelled' end
+return false
 """
 
 # KEYS: leases, then each held task's record. ARGV: lease ms, then task id and attempt per record.
@@ -351,7 +353,7 @@ class TaskStore:
 
     def stop_reason(self, task_id: str, attempt: int) -> str | None:
         """Why this attempt must stop now: 'cancelled' by a client, or 'superseded' when it no longer
-        holds the task. One round trip, asked after every token."""
+        holds the task. One round trip, asked only when no append has answered it lately."""
         cancel, holder = self.redis.hmget(record_key(task_id), ["cancel_requested", "holder"])
         if cancel is not None:
             return "cancelled"
@@ -368,11 +370,13 @@ class TaskStore:
             before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
         return TaskStatus(before) if before else None
 
-    def append_chunk(self, task_id: str, attempt: int, text: str, token_ids: list[int]) -> bool:
-        """Append to the stream while `attempt` holds the task; False when it no longer does."""
+    def append_chunk(self, task_id: str, attempt: int, text: str, token_ids: list[int]) -> str | None:
+        """Append to the stream while `attempt` holds the task. Returns why it must stop, as
+        `stop_reason` does: 'superseded' (nothing was appended) or 'cancelled' (it was)."""
         keys = [record_key(task_id), chunks_key(task_id)]
         tokens = " ".join(map(str, token_ids))
-        return bool(self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens]))
+        found = self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens])
+        return found.decode() if found else None
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:
         """Store the text and stats; a task that was stopped by a cancel ends `cancelled`.

@@ -192,7 +192,7 @@ def finished_task(store: TaskStore, chunks: list[str]) -> str:
     started = store.start(task_id, worker="celery@page-test", request="{}")
     assert started.attempt == 1
     for chunk in chunks:
-        assert store.append_chunk(task_id, started.attempt, chunk, [])
+        assert store.append_chunk(task_id, started.attempt, chunk, []) is None  # None: appended, go on
     result = GenerationResult(
         text="".join(chunks),
         finish_reason="eos",

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import yaml
 from celery.utils.nodenames import default_nodename
 from redis.connection import parse_url
 
+from app.body_limit import DRAIN_BYTES
 from core import heartbeats
 from core.settings import Settings
 from devstack.processes import free_port
@@ -217,15 +219,24 @@ def test_the_api_cuts_open_streams_within_its_grace_period(services: dict) -> No
     assert float(option(command(api), "--timeout-graceful-shutdown")) < duration_s(api["stop_grace_period"])
 
 
-def test_api_publishes_its_port_and_runs_uvicorn(services: dict) -> None:
+def test_api_runs_uvicorn_and_scales_behind_the_proxy(services: dict) -> None:
+    """`--scale api=N`: no replica may claim a host port or a container name; the proxy publishes the port."""
     api = services["api"]
     args = command(api)
     assert args[:2] == ["uvicorn", "app.main:app"]
-    port = args[args.index("--port") + 1]
-    assert f"{port}:{port}" in api["ports"]
+    assert "ports" not in api and "container_name" not in api
     assert args[args.index("--host") + 1] == "0.0.0.0"
-    assert "/health" in " ".join(api["healthcheck"]["test"])
+    port = option(args, "--port")
+    assert f"127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
     assert depends_on_healthy_redis(api)
+
+
+def test_api_takes_the_scheme_and_client_from_the_proxy(services: dict) -> None:
+    """uvicorn reads X-Forwarded-Proto and X-Forwarded-For only from addresses it trusts (127.0.0.1 by
+    default): the proxy is another container, so the command must say to trust it."""
+    args = command(services["api"])
+    assert "--proxy-headers" in args and "--no-proxy-headers" not in args
+    assert flag(args, "--forwarded-allow-ips")
 
 
 def test_api_settings_say_where_uvicorn_listens(services: dict) -> None:
@@ -293,7 +304,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 # --- The monitoring profile: Flower and Prometheus, only with `docker compose --profile monitoring up` ---
 
-DEFAULT_SERVICES = {"redis", "api", "worker"}
+DEFAULT_SERVICES = {"redis", "api", "worker", "proxy"}
 MONITORING_SERVICES = {"flower", "prometheus"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
@@ -331,13 +342,13 @@ def flag(args: list[str], name: str) -> str:
 
 
 def test_monitoring_services_run_only_with_the_profile(services: dict) -> None:
-    """A plain `docker compose up` starts redis, api and worker, as before; the rest waits for the profile."""
+    """A plain `docker compose up` starts redis, api, worker and proxy; the rest waits for the profile."""
     assert MONITORING_SERVICES <= set(services)
     for name, service in services.items():
         if name in DEFAULT_SERVICES:
             assert "profiles" not in service, name
         else:
-            assert service.get("profiles") == ["monitoring"], name
+            assert service.get("profiles") in (["monitoring"], ["ha"]), name
     assert services["flower"]["image"].startswith("mher/flower:")
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     for name in MONITORING_SERVICES:
@@ -509,3 +520,272 @@ def test_worker_healthcheck_wants_this_hosts_fresh_heartbeat(services: dict, pri
 def test_worker_healthcheck_waits_out_the_model_load(services: dict) -> None:
     """No failure counts while the model downloads and loads (minutes for Llama-2-7b on a first start)."""
     assert duration_s(services["worker"]["healthcheck"]["start_period"]) >= 10 * 60
+
+
+# --- The proxy: nginx in front of the API replicas (deploy/nginx.conf; tests/test_proxy.py runs it) ---
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list["Directive"] | None = None
+
+    def all(self, name: str) -> list["Directive"]:
+        return [d for d in self.block or [] if d.name == name]
+
+    def one(self, name: str) -> "Directive":
+        found = self.all(name)
+        assert len(found) == 1, f"{len(found)} `{name}` in `{self.name} {' '.join(self.args)}`"
+        return found[0]
+
+    def value(self, name: str) -> str:
+        return " ".join(self.one(name).args)
+
+
+NGINX_TOKEN = re.compile(r"""#[^\n]*|'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)"|([{};])|([^\s{};'"#]+)""")
+
+
+def parse_nginx(text: str) -> Directive:
+    """nginx's configuration as a tree of directives (comments dropped, quotes removed)."""
+    root = Directive("main", [], [])
+    stack, words = [root], []
+    for match in NGINX_TOKEN.finditer(text):
+        single, double, punct, word = match.groups()
+        if punct == "{":
+            block = Directive(words[0], words[1:], [])
+            stack[-1].block.append(block)
+            stack.append(block)
+            words = []
+        elif punct == ";":
+            stack[-1].block.append(Directive(words[0], words[1:]))
+            words = []
+        elif punct == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        elif not match.group(0).startswith("#"):
+            words.append(next(part for part in (single, double, word) if part is not None))
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return root
+
+
+NGINX_TIME_UNITS_S = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+NGINX_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def nginx_time_s(value: str) -> float:
+    parts = re.findall(r"(\d+)(ms|s|m|h|d)?", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not an nginx time: {value!r}"
+    return sum(int(n) * NGINX_TIME_UNITS_S[u or "s"] for n, u in parts)
+
+
+def nginx_size(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([kmg]?)", value.lower())
+    assert match, f"not an nginx size: {value!r}"
+    return int(match[1]) * NGINX_SIZE_UNITS[match[2]]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("1h", 3600), ("60s", 60), ("60", 60), ("1m30s", 90), ("500ms", 0.5)])
+def test_nginx_time_reads_nginx_times(value: str, seconds: float) -> None:
+    assert nginx_time_s(value) == seconds
+
+
+@pytest.fixture(scope="module")
+def nginx() -> Directive:
+    return parse_nginx(NGINX_CONF.read_text())
+
+
+@pytest.fixture(scope="module")
+def public_server(nginx: Directive) -> Directive:
+    """The server clients reach: the one that proxies to the API replicas."""
+    servers = [s for s in nginx.one("http").all("server") if any(l.args[0] == "80" for l in s.all("listen"))]
+    assert len(servers) == 1
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def api_location(public_server: Directive) -> Directive:
+    location = next(l for l in public_server.all("location") if l.args == ["/"])
+    assert location.value("proxy_pass") == "http://api"
+    return location
+
+
+def test_parse_nginx_reads_blocks_quotes_and_comments() -> None:
+    tree = parse_nginx('a 1; # b 2;\nc { d "x y" \'\'; e { f; } }\n')
+    assert [d.name for d in tree.block] == ["a", "c"]
+    assert tree.one("c").one("d").args == ["x y", ""]
+    assert tree.one("c").one("e").one("f").args == []
+
+
+def test_proxy_publishes_the_api_port_and_mounts_its_config(services: dict, nginx: Directive) -> None:
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("nginx:")
+    tag = proxy["image"].partition(":")[2]
+    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)\.(\d+)", tag).groups())
+    assert version >= (1, 27, 3), "the upstream's `resolve` needs nginx 1.27.3 or later"
+    assert [interpolate(p, {}) for p in proxy["ports"]] == ["8000:80"]
+    assert [interpolate(p, {"API_PORT": "9000"}) for p in proxy["ports"]] == ["9000:80"]
+    assert ["./deploy/nginx.conf", "/etc/nginx/nginx.conf", "ro"] in [m.split(":") for m in proxy["volumes"]]
+    assert "profiles" not in proxy and proxy["restart"] == "unless-stopped"
+    # Started, not healthy: the API is healthy only once a worker loaded the model.
+    assert depends_on(proxy)["api"]["condition"] == "service_started"
+
+
+def test_proxy_spreads_over_every_api_replica(services: dict, nginx: Directive) -> None:
+    """`api` resolved again every few seconds through compose's DNS, so `--scale api=N` replicas,
+    later ones and recreated ones included, all get requests; the port is the one uvicorn listens on."""
+    http = nginx.one("http")
+    resolver = http.one("resolver").args
+    assert resolver[0] == "127.0.0.11" and nginx_time_s(next(a for a in resolver if a.startswith("valid="))[6:]) <= 30
+    upstream = next(u for u in http.all("upstream") if u.args == ["api"])
+    assert upstream.all("zone"), "`resolve` needs a shared zone"
+    [server] = upstream.all("server")
+    api_port = option(command(services["api"]), "--port")
+    assert server.args[0] == f"api:{api_port}" and "resolve" in server.args[1:]
+    assert not upstream.all("keepalive"), "uvicorn closes idle connections after 5 s: a pooled one would 502 a POST"
+
+
+def test_proxy_passes_event_streams_unbuffered(api_location: Directive) -> None:
+    assert api_location.value("proxy_buffering") == "off"
+    assert api_location.value("proxy_http_version") == "1.1"
+    headers = {d.args[0].lower(): d.args[1] for d in api_location.all("proxy_set_header")}
+    assert headers["connection"] == ""
+    # The API's `X-Accel-Buffering: no` on its streams must be honoured, not ignored.
+    ignored = [a.lower() for d in api_location.all("proxy_ignore_headers") for a in d.args]
+    assert "x-accel-buffering" not in ignored
+
+
+def test_proxy_waits_an_hour_on_a_stream(api_location: Directive) -> None:
+    """A stream idle between pings (15 s), or a request waiting for a whole generation (600 s)."""
+    assert nginx_time_s(api_location.value("proxy_read_timeout")) >= 3600
+    assert nginx_time_s(api_location.value("proxy_read_timeout")) > Settings.model_fields["task_time_limit_s"].default
+
+
+def test_proxy_leaves_the_413_to_the_api(public_server: Directive, api_location: Directive) -> None:
+    """The API answers a body above MAX_REQUEST_BYTES in its family's JSON envelope; nginx's limit
+    is above it (its own 413 is HTML), at most the API's drain bound, and the body is streamed on."""
+    limit = nginx_size(public_server.value("client_max_body_size"))
+    assert Settings.model_fields["max_request_bytes"].default < limit <= DRAIN_BYTES
+    assert public_server.value("proxy_request_buffering") == "off"
+    assert not api_location.all("proxy_intercept_errors") or api_location.value("proxy_intercept_errors") == "off"
+
+
+def test_proxy_tells_the_api_who_asked_and_how(api_location: Directive) -> None:
+    """Set by nginx, never appended to what the client sent: the API trusts them (--forwarded-allow-ips)."""
+    headers = {d.args[0].lower(): d.args[1] for d in api_location.all("proxy_set_header")}
+    assert headers["x-forwarded-for"] == "$remote_addr"
+    assert headers["x-forwarded-proto"] == "$scheme"
+    assert headers["host"] == headers["x-forwarded-host"] != "$host"  # $host drops the port
+    assert api_location.one("proxy_next_upstream").args[:2] == ["error", "timeout"]
+
+
+def test_proxy_healthcheck_asks_nginx_itself(services: dict, nginx: Directive) -> None:
+    """On a loopback-only server of its own: the proxy is healthy while the replicas wait for a worker."""
+    url = services["proxy"]["healthcheck"]["test"][-1]
+    match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)(/\S*)", url)
+    assert match
+    [server] = [s for s in nginx.one("http").all("server") if s.value("listen") == f"127.0.0.1:{match[1]}"]
+    location = next(l for l in server.all("location") if l.args == ["=", match[2]])
+    assert location.one("return").args[0] == "200"
+
+
+def test_proxy_stops_gracefully_within_its_grace_period(services: dict, nginx: Directive) -> None:
+    """SIGQUIT lets requests in flight finish; open streams are closed after worker_shutdown_timeout."""
+    proxy = services["proxy"]
+    assert proxy["stop_signal"] == "SIGQUIT"
+    assert nginx_time_s(nginx.value("worker_shutdown_timeout")) < duration_s(proxy["stop_grace_period"]) <= 60
+
+
+# --- The ha profile: a replica and three Sentinels, only with `docker compose --profile ha up` ---
+
+HA_SERVICES = {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+
+
+def test_ha_services_run_only_with_the_profile_and_stay_private(services: dict) -> None:
+    assert HA_SERVICES <= set(services)
+    for name in HA_SERVICES:
+        service = services[name]
+        assert service.get("profiles") == ["ha"], name
+        assert service["image"] == services["redis"]["image"], name
+        assert "ports" not in service and "container_name" not in service, name
+        assert depends_on_healthy_redis(service), name
+        assert service["stop_signal"] == "SIGTERM" and 5 <= duration_s(service["stop_grace_period"]) <= 60, name
+
+
+def test_the_replica_copies_redis_and_is_kept_as_redis_is(services: dict, compose: dict) -> None:
+    """Promoted, it is the primary: the same password, persistence and memory rules as `redis`; and
+    `redis`, back after a failover as its replica, needs the password to copy from it."""
+    env = {"REDIS_PASSWORD": "s3cret"}
+    replica, primary = command(services["redis-replica"]), command(services["redis"])
+    assert replica[:4] == ["redis-server", "--replicaof", "redis", "6379"]
+    for args in (replica, primary):
+        passwords = {interpolate(option(args, "--masterauth"), env), interpolate(option(args, "--requirepass"), env)}
+        assert passwords == {"s3cret"}
+    for name in ("--appendonly", "--maxmemory", "--maxmemory-policy"):
+        assert option(replica, name) == option(primary, name), name
+    own_data = named_volume_on(services["redis-replica"], "/data", compose)
+    assert own_data != named_volume_on(services["redis"], "/data", compose)
+    assert services["redis-replica"]["healthcheck"]["test"] == services["redis"]["healthcheck"]["test"]
+    assert interpolate(environment(services["redis-replica"])["REDISCLI_AUTH"], env) == "s3cret"
+
+
+def sentinel_start(tmp_path: Path, service: dict, env: dict[str, str]) -> tuple[list[str], str]:
+    """A Sentinel's command as its container runs it, in `tmp_path` (its /data), with a stand-in
+    `redis-server` that records its arguments: those arguments, and the config file it was given."""
+    args = command(service)
+    assert args[:2] == ["sh", "-c"]
+    script = interpolate(args[2], env).replace("$$", "$")  # compose's ${...}, then its escape for a literal $
+    record = tmp_path / "redis-server-args"
+    fake = tmp_path / "bin" / "redis-server"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    fake.chmod(0o755)
+    run_env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "REDIS_PASSWORD": env["REDIS_PASSWORD"]}
+    result = subprocess.run(["sh", "-c", script], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    return record.read_text().split(), (tmp_path / "sentinel.conf").read_text()
+
+
+def test_each_sentinel_watches_redis_with_its_password_and_a_quorum(tmp_path: Path, services: dict) -> None:
+    env = {"REDIS_PASSWORD": "s3cret"}
+    sentinels = [services[f"sentinel-{i}"] for i in (1, 2, 3)]
+    assert sentinels[0] == sentinels[1] == sentinels[2]
+    args, config = sentinel_start(tmp_path, sentinels[0], env)
+    assert args == ["sentinel.conf", "--sentinel"]
+    lines = config.splitlines()
+    assert "port 26379" in lines
+    # A host name in `sentinel monitor` needs resolve-hostnames, set before it.
+    assert lines.index("sentinel resolve-hostnames yes") < lines.index("sentinel monitor mymaster redis 6379 2")
+    assert "sentinel auth-pass mymaster s3cret" in lines
+    quorum = int(lines[lines.index("sentinel monitor mymaster redis 6379 2")].split()[-1])
+    assert quorum > len(sentinels) / 2, "a quorum of a minority could fail over on one Sentinel's view"
+    down_after = [line for line in lines if line.startswith("sentinel down-after-milliseconds mymaster ")]
+    assert len(down_after) == 1 and 1000 <= int(down_after[0].split()[-1]) <= 30_000
+
+    other = tmp_path / "renamed"
+    other.mkdir()
+    _, renamed = sentinel_start(other, sentinels[0], env | {"REDIS_SENTINEL_MASTER": "chat"})
+    assert "sentinel monitor chat redis 6379 2" in renamed.splitlines(), "the name the app asks for (.env)"
+
+
+def test_a_restarted_sentinel_keeps_what_it_learned(tmp_path: Path, services: dict) -> None:
+    """Sentinel rewrites its config as the primary changes: a restart must not put back the first one."""
+    learned = "sentinel monitor mymaster 10.0.0.7 6379 2\n"
+    (tmp_path / "sentinel.conf").write_text(learned)
+    _, config = sentinel_start(tmp_path, services["sentinel-1"], {"REDIS_PASSWORD": "s3cret"})
+    assert config == learned
+
+
+def test_the_app_is_told_where_the_sentinels_are(compose: dict, services: dict) -> None:
+    """The profile's comment gives the REDIS_SENTINELS line for .env: each entry is a Sentinel of the
+    profile on the port its config gives, and the app reads it as such."""
+    documented = re.findall(r"REDIS_SENTINELS=(\S+)", (ROOT / "docker-compose.yml").read_text())
+    assert len(documented) == 1
+    addresses = Settings(redis_sentinels=documented[0]).sentinel_addresses
+    assert {host for host, _ in addresses} == {name for name in HA_SERVICES if name.startswith("sentinel-")}
+    assert {port for _, port in addresses} == {26379}
+    for name in ("api", "worker"):
+        assert {"path": ".env", "required": False} in services[name]["env_file"], name
+        assert "REDIS_SENTINELS" not in environment(services[name]), f"{name} would ignore .env's REDIS_SENTINELS"

@@ -70,13 +70,13 @@ def test_a_lapsed_lease_is_reclaimed_once_and_the_next_attempt_goes_on_from_the_
 ) -> None:
     task_id = new_task(store)
     first = store.start(task_id, "a", '{"prompt": "hi"}')
-    assert store.append_chunk(task_id, first.attempt, "Hello", [1, 2])
+    assert store.append_chunk(task_id, first.attempt, "Hello", [1, 2]) is None
     assert store.start(task_id, "b", "{}").found == "held", "a duplicate delivery ran beside the holder"
     lapse(store, task_id)
 
     assert store.reclaim_lapsed(task_id) == '{"prompt": "hi"}'
     assert store.reclaim_lapsed(task_id) is None, "reclaimed twice"
-    assert not store.append_chunk(task_id, first.attempt, " stale", [3]), "the old holder still writes"
+    assert store.append_chunk(task_id, first.attempt, " stale", [3]) == "superseded", "the old holder still writes"
     assert store.stop_reason(task_id, first.attempt) == "superseded"
     assert store.renew({task_id: first.attempt}) == [task_id]
 

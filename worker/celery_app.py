@@ -8,7 +8,7 @@ acknowledged only after it ends, so Redis's visibility timeout redelivers it as 
 
 from celery import Celery
 
-from core.redis_client import broker_transport_options
+from core.redis_client import broker_transport_options, broker_url
 from core.settings import get_settings
 
 GENERATE_TASK = "generate"
@@ -24,7 +24,8 @@ RESTORE_SCAN_S = 5
 
 def make_celery() -> Celery:
     settings = get_settings()
-    app = Celery("chat", broker=settings.redis_url, include=["worker.tasks"])
+    # With REDIS_SENTINELS, kombu's Sentinel transport: it asks them for the primary on each connection.
+    app = Celery("chat", broker=broker_url(settings), include=["worker.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -39,7 +40,7 @@ def make_celery() -> Celery:
         worker_concurrency=settings.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=broker_transport_options()
+        broker_transport_options=broker_transport_options(settings)
         | {
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": RESTORE_SCAN_S,

@@ -20,6 +20,7 @@ from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, 
 from model_loader.loader import load_model
 from model_loader.source import model_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
+from worker.interruptions import Interruptions
 from worker.leases import Leases, Send
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class WorkerRuntime:
         loaded = load_model(settings)
         folder = model_dir(settings)
         store = TaskStore(
-            connect(settings.redis_url, retry_s=settings.worker_redis_retry_s),
+            connect(settings, retry_s=settings.worker_redis_retry_s),
             settings.result_ttl_s,
             retry_s=settings.worker_redis_retry_s,
             lease_s=settings.lease_s,
@@ -168,18 +169,12 @@ class WorkerRuntime:
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
         deadline = time.monotonic() + self.settings.task_time_limit_s - (time.time() - started.first_started_at)
-
-        def interruption() -> str | None:
-            reason = self.store.stop_reason(task_id, started.attempt)
-            if reason is None and self.stopping.is_set():
-                reason = HANDED_BACK
-            return reason or ("timeout" if time.monotonic() > deadline else None)
-
+        interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping)
         return self.engine.generate(
             prompt.input_ids,
             params,
-            on_chunk=lambda text, token_ids: self.store.append_chunk(task_id, started.attempt, text, token_ids),
-            interruption=interruption,
+            on_chunk=interruptions.publish,
+            interruption=interruptions,
             resume=Resume(published.token_ids, published.text),
         )
 

@@ -1,0 +1,45 @@
+"""Why one attempt must stop, asked after every token, for a Redis command per chunk rather than per token.
+
+Each append of a chunk also says whether the task was cancelled or taken over (the store's script
+checks as it writes, and a superseded attempt's append writes nothing), so the check mostly
+rides on the publishing. When no chunk has gone out for `CHECK_S` (text held back for a stop
+string, a slow model), one read fills the gap: a cancel still takes effect within `CHECK_S`
+and a token. The worker's own stop and the time limit need no Redis at all.
+"""
+
+import threading
+import time
+
+from core.protocol import HANDED_BACK
+from core.store import TaskStore
+
+CHECK_S = 0.1
+
+
+class Interruptions:
+    def __init__(self, store: TaskStore, task_id: str, attempt: int, deadline: float, stopping: threading.Event):
+        """`deadline` on the monotonic clock; `stopping` set when the worker is shutting down."""
+        self._store = store
+        self._task_id = task_id
+        self._attempt = attempt
+        self._deadline = deadline
+        self._stopping = stopping
+        self._reason: str | None = None
+        self._heard_at = time.monotonic()
+
+    def publish(self, text: str, token_ids: list[int]) -> None:
+        """The engine's `on_chunk`: append, and keep what the append said."""
+        self._reason = self._reason or self._store.append_chunk(self._task_id, self._attempt, text, token_ids)
+        self._heard_at = time.monotonic()
+
+    def __call__(self) -> str | None:
+        """The engine's `interruption`: cancelled or superseded (from Redis), else handed back or timeout."""
+        now = time.monotonic()
+        if self._reason is None and now - self._heard_at >= CHECK_S:
+            self._reason = self._store.stop_reason(self._task_id, self._attempt)
+            self._heard_at = now
+        if self._reason is not None:
+            return self._reason
+        if self._stopping.is_set():
+            return HANDED_BACK
+        return "timeout" if now > self._deadline else None
