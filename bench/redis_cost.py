@@ -10,13 +10,18 @@ both alike). What the processes do anyway (heartbeats, lease renewals and scans,
 of the queue) is measured alone over a quiet interval and taken off in proportion to each run's
 length. Per token is the slope between the two lengths; per task, what is left at the short one.
 Then `--cancels` times: a long task is cancelled mid-answer (DELETE /task/{id}), timed until its
-record says `cancelled`: the check rides on the appends now, not on every token.
+record says `cancelled`: the check rides on the appends now, not on every token. Last, what one
+Redis core carries: `redis-benchmark` (Debian's redis-tools) runs the store's append script, the
+command a generation sends most, from 50 clients against the same redis-server.
 """
 
 import argparse
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -28,6 +33,7 @@ import redis
 
 from bench.table import print_table
 from core.settings import Settings
+from core.store import _APPEND_LUA
 from devstack.processes import Stack
 
 PROMPT = "Write a very long story about a lighthouse keeper and a storm."
@@ -114,6 +120,23 @@ def cancel_s(client: httpx.Client, url: str) -> float:
     return time.monotonic() - asked
 
 
+def appends_per_second(url: str) -> float:
+    """Calls of the append script one Redis core serves, median of 3 runs of 100,000 from 50 clients."""
+    benchmark = shutil.which("redis-benchmark")
+    assert benchmark, "redis-benchmark is missing: apt-get install redis-tools"
+    admin = redis.Redis.from_url(url)
+    sha = admin.script_load(_APPEND_LUA)
+    admin.hset("task:bench", mapping={"holder": 1, "status": "running"})
+    port = str(admin.connection_pool.connection_kwargs["port"])
+    command = [benchmark, "-p", port, "-n", "100000", "-c", "50", "-q", "EVALSHA", sha, "2", "task:bench",
+               "task:bench:chunks", "1", "86400", "a few more words, ", "264 1151 540 2474"]
+    rates = []
+    for _ in range(3):
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rates.append(float(re.findall(r"([0-9.]+) requests per second", out)[-1]))
+    return statistics.median(rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", type=int, default=32)
@@ -130,6 +153,7 @@ def main() -> None:
         runs = {n: [one_task(client, stack.redis_url, n) for _ in range(options.runs)]
                 for n in (options.short, options.long)}
         cancels = [cancel_s(client, stack.redis_url) for _ in range(options.cancels)]
+        core = appends_per_second(stack.redis_url)
     finally:
         stack.down()
 
@@ -157,6 +181,7 @@ def main() -> None:
             ("commands run inside scripts per task, besides its tokens", inner_per_task),
             (f"cancel mid-answer to `cancelled`, median of {options.cancels} (ms)", 1000 * statistics.median(cancels)),
             (f"cancel mid-answer to `cancelled`, worst of {options.cancels} (ms)", 1000 * max(cancels)),
+            ("one Redis core: append scripts per second (redis-benchmark, 50 clients)", core),
         ],
     )
 
