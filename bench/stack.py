@@ -84,12 +84,12 @@ def plain_generate(loaded: LoadedModel, ids: list[int], tokens: int) -> float:
 
 def streamed_engine(engine: SequentialEngine, store: TaskStore, ids: list[int], tokens: int) -> float:
     """Our engine as a worker runs it: each chunk appended to a task's Redis stream, which also says
-    whether the task was cancelled or taken over (read again when no chunk went out for 100 ms);
+    whether the task was cancelled or taken over (read again when nothing was heard for a second);
     timed like plain generate, call to last chunk."""
     task_id = f"bench-{uuid.uuid4()}"
     store.create(task_id)
     attempt = store.start(task_id, "bench", "{}").attempt
-    interruptions = Interruptions(store, task_id, attempt, deadline=float("inf"), stopping=threading.Event())
+    interruptions = Interruptions(store, task_id, attempt, float("inf"), threading.Event(), threading.Event())
     started = time.perf_counter()
     outcome = engine.generate(ids, greedy(tokens), on_chunk=interruptions.publish, interruption=interruptions)
     elapsed = time.perf_counter() - started

@@ -40,6 +40,8 @@ QUEUED_KEY = "tasks:queued"
 # How long the last few answers took to generate: what a queued task's expected wait is made of.
 RECENT_KEY = "tasks:recent_generation_s"
 RECENT = 50
+# Where a cancel is announced, so that the worker running the task hears of it at once.
+CANCELS_CHANNEL = "tasks:cancels"
 # A record whose message was never sent (the API died in between) expires after this.
 UNSENT_TTL_S = 600
 
@@ -368,6 +370,7 @@ class TaskStore:
         before = self._transition(task_id, {TaskStatus.queued, TaskStatus.running}, cancelled, 0, counted)
         if before == SUPERSEDED:  # an attempt holds it: its worker stops at its next token
             before = self._transition(task_id, {TaskStatus.running}, {"cancel_requested": 1})
+            self.redis.publish(CANCELS_CHANNEL, task_id)
         return TaskStatus(before) if before else None
 
     def append_chunk(self, task_id: str, attempt: int, text: str, token_ids: list[int]) -> str | None:

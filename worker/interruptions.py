@@ -1,10 +1,11 @@
-"""Why one attempt must stop, asked after every token, for a Redis command per chunk rather than per token.
+"""Why one attempt must stop, asked after every token, at no Redis cost per token.
 
-Each append of a chunk also says whether the task was cancelled or taken over (the store's script
-checks as it writes, and a superseded attempt's append writes nothing), so the check mostly
-rides on the publishing. When no chunk has gone out for `CHECK_S` (text held back for a stop
-string, a slow model), one read fills the gap: a cancel still takes effect within `CHECK_S`
-and a token. The worker's own stop and the time limit need no Redis at all.
+A cancel is pushed to the worker (`worker.cancels`), so it takes effect at the next token. Each
+append of a chunk also says whether the task was cancelled or taken over (the store's script
+checks as it writes, and a superseded attempt's append writes nothing). When nothing has been
+heard for `CHECK_S` (text held back for a stop string, a cancel announced while the listener was
+reconnecting), one read of the record fills the gap. The worker's own stop and the time limit
+need no Redis at all.
 """
 
 import threading
@@ -13,13 +14,23 @@ import time
 from core.protocol import HANDED_BACK
 from core.store import TaskStore
 
-CHECK_S = 0.1
+CHECK_S = 1.0
 
 
 class Interruptions:
-    def __init__(self, store: TaskStore, task_id: str, attempt: int, deadline: float, stopping: threading.Event):
-        """`deadline` on the monotonic clock; `stopping` set when the worker is shutting down."""
+    def __init__(
+        self,
+        store: TaskStore,
+        task_id: str,
+        attempt: int,
+        deadline: float,
+        stopping: threading.Event,
+        cancelled: threading.Event,
+    ) -> None:
+        """`deadline` on the monotonic clock; `stopping` set when the worker is shutting down;
+        `cancelled` set when the task's cancel is announced."""
         self._store = store
+        self._cancelled = cancelled
         self._task_id = task_id
         self._attempt = attempt
         self._deadline = deadline
@@ -35,6 +46,8 @@ class Interruptions:
     def __call__(self) -> str | None:
         """The engine's `interruption`: cancelled or superseded (from Redis), else handed back or timeout."""
         now = time.monotonic()
+        if self._reason is None and self._cancelled.is_set():
+            self._reason = "cancelled"
         if self._reason is None and now - self._heard_at >= CHECK_S:
             self._reason = self._store.stop_reason(self._task_id, self._attempt)
             self._heard_at = now

@@ -20,6 +20,7 @@ from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, 
 from model_loader.loader import load_model
 from model_loader.source import model_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
+from worker.cancels import CancelListener
 from worker.interruptions import Interruptions
 from worker.leases import Leases, Send
 
@@ -63,6 +64,7 @@ class WorkerRuntime:
     context_window: int
     store: TaskStore
     leases: Leases
+    cancels: CancelListener
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -84,6 +86,7 @@ class WorkerRuntime:
             context_window=settings.usable_context(context_window(folder, settings.context_window)),
             store=store,
             leases=Leases(store, settings.lease_renew_s, send),
+            cancels=CancelListener(store.redis),
         )
 
     def run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
@@ -126,6 +129,7 @@ class WorkerRuntime:
             self._attempt(task_id, request, worker, started)
         finally:
             self.leases.let_go(task_id)
+            self.cancels.forget(task_id)
 
     def _attempt(self, task_id: str, request: GenerateRequest, worker: str, started: Started) -> None:
         """Go on from whatever earlier attempts published; an engine failure or this worker's stop
@@ -169,7 +173,8 @@ class WorkerRuntime:
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
         deadline = time.monotonic() + self.settings.task_time_limit_s - (time.time() - started.first_started_at)
-        interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping)
+        cancelled = self.cancels.watch(task_id)
+        interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping, cancelled)
         return self.engine.generate(
             prompt.input_ids,
             params,

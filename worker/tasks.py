@@ -75,7 +75,7 @@ def _load_model_at_start(**_: object) -> None:
 @worker_ready.connect
 def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     """Tell /health, through Redis, that this worker is up and whether its engine can generate;
-    renew this worker's leases and watch for lapsed ones."""
+    renew this worker's leases and watch for lapsed ones; listen for cancels."""
     runtime = generate.runtime
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     generate.heartbeat = Heartbeat(
@@ -84,6 +84,7 @@ def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     )
     generate.heartbeat.start()
     runtime.leases.start()
+    runtime.cancels.start()
 
 
 @worker_shutting_down.connect
@@ -98,4 +99,5 @@ def _stop(**_: object) -> None:
     if generate.heartbeat is not None:
         generate.heartbeat.stop()
     generate.runtime.leases.stop()
+    generate.runtime.cancels.stop()
     generate.runtime.engine.close()
