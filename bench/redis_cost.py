@@ -33,7 +33,7 @@ import redis
 
 from bench.table import print_table
 from core.settings import Settings
-from core.store import _APPEND_LUA
+from core.store import APPEND_LUA
 from devstack.processes import Stack
 
 PROMPT = "Write a very long story about a lighthouse keeper and a storm."
@@ -125,7 +125,7 @@ def appends_per_second(url: str) -> float:
     benchmark = shutil.which("redis-benchmark")
     assert benchmark, "redis-benchmark is missing: apt-get install redis-tools"
     admin = redis.Redis.from_url(url)
-    sha = admin.script_load(_APPEND_LUA)
+    sha = admin.script_load(APPEND_LUA)
     admin.hset("task:bench", mapping={"holder": 1, "status": "running"})
     port = str(admin.connection_pool.connection_kwargs["port"])
     command = [benchmark, "-p", port, "-n", "100000", "-c", "50", "-q", "EVALSHA", sha, "2", "task:bench",

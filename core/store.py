@@ -105,8 +105,9 @@ return status
 """
 
 # KEYS: record, chunks. ARGV: attempt, ttl, text, token ids. Appends only while that attempt holds
-# the task, and answers why it must stop, if it must: the same call publishes and checks.
-_APPEND_LUA = """
+# the task, and answers why it must stop, if it must: the same call publishes and checks. Public:
+# bench/redis_cost.py measures how many of these one Redis core serves.
+APPEND_LUA = """
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 'superseded' end
 redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -226,7 +227,7 @@ class TaskStore:
         self.lease_ms = round(lease_s * 1000)
         self._start_script = client.register_script(_START_LUA)
         self._transition_script = client.register_script(_TRANSITION_LUA)
-        self._append_script = client.register_script(_APPEND_LUA)
+        self._append_script = client.register_script(APPEND_LUA)
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
         self._hold_script = client.register_script(_HOLD_LUA)
