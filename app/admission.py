@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from app.deps import Services
 from app.errors import field_error
-from app.limits import check_batching_options, check_message_count, check_prompt_chars, check_queue_room
+from app.limits import check_capabilities, check_message_count, check_prompt_chars, check_queue_room
+from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
@@ -28,7 +29,7 @@ def admit(body: GenerateRequest, services: Services, caller: str | None, annotat
     `annotation` is kept with the task for the API family that admitted it (see TaskStore.create).
     """
     settings = services.settings
-    check_batching_options(body, settings.worker_concurrency)
+    check_capabilities(body, Heartbeats(services.redis).live())
     body = with_defaults(body, settings)
     max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:

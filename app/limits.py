@@ -1,4 +1,4 @@
-"""What the API refuses to take on: oversized prompts (422), options its workers lack (422) and more
+"""What the API refuses to take on: oversized prompts (422), options its live workers lack (422) and more
 tasks than the queue may hold (429).
 
 Each check runs before the expensive step it protects: the prompt limits before the prompt is
@@ -11,6 +11,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from app.deps import Services
 from app.errors import field_error
+from core.heartbeats import WorkerState
 from core.protocol import GenerateRequest
 from worker.celery_app import QUEUE
 
@@ -27,16 +28,23 @@ def check_message_count(body: GenerateRequest, limit: int) -> None:
         raise field_error("messages", f"holds {len(body.messages)} messages, above this server's limit of {limit}")
 
 
-def check_batching_options(body: GenerateRequest, worker_concurrency: int) -> None:
-    """Batched decoding (WORKER_CONCURRENCY > 1) shares one sampler and has no repetition penalty."""
-    if worker_concurrency == 1:
-        return
-    if body.seed is not None:
-        raise field_error("seed", "seeded sampling needs WORKER_CONCURRENCY=1 on this server (it batches requests)")
-    if body.repetition_penalty not in (None, 1.0):
-        raise field_error(
-            "repetition_penalty", "repetition_penalty needs WORKER_CONCURRENCY=1 on this server (it batches requests)"
-        )
+# A request option and the capability a worker's engine must report for it.
+OPTION_CAPABILITIES = {"seed": "seed", "repetition_penalty": "repetition_penalty"}
+
+
+def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> None:
+    """Refuse an option some live worker's engine cannot honour, since any of them may take the task
+    (transformers batching has no per-request seed or repetition penalty). With no worker live,
+    nothing is known, and the task waits for one."""
+    used = {"seed": body.seed is not None, "repetition_penalty": body.repetition_penalty not in (None, 1.0)}
+    for option, capability in OPTION_CAPABILITIES.items():
+        lacking = [w for w in workers if used[option] and w.capabilities.get(capability) is False]
+        if lacking:
+            engine = lacking[0].capabilities.get("engine", "its")
+            raise field_error(
+                option, f"{option} is not supported by worker {lacking[0].name} ({engine} engine, "
+                f"{lacking[0].slots} slots); WORKER_CONCURRENCY=1 or ENGINE=llamacpp supports it"
+            )
 
 
 def check_prompt_chars(body: GenerateRequest, limit: int) -> None:

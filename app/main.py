@@ -25,7 +25,7 @@ from core.protocol import ErrorBody
 from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
 from core.store import TaskStore
-from model_loader.source import model_dir, model_name
+from model_loader.source import model_name, tokenizer_dir
 from prompts import chat_template, context_window, load_formatter
 from prompts.tokens import load_tokenizer
 from worker.celery_app import app as celery_app
@@ -34,7 +34,7 @@ from worker.celery_app import app as celery_app
 def build_services() -> Services:
     """The tokenizer is loaded here (no torch) so that prompts are budgeted before they are queued."""
     settings = get_settings()
-    folder = model_dir(settings, tokenizer_only=True)
+    folder = tokenizer_dir(settings)
     client = connect(settings)
     return Services(
         settings=settings,

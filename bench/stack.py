@@ -38,7 +38,7 @@ from core.settings import Settings
 from core.store import TaskStore
 from bench.table import print_table
 from devstack.processes import Stack
-from model_loader.engine import FlushPolicy, SamplingParams
+from model_loader.contract import FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model
 from model_loader.sequential import SequentialEngine
 from worker.interruptions import Interruptions

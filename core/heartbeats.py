@@ -7,7 +7,7 @@ per `/health` call, so a few dozen callers starved every other route.
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -25,15 +25,18 @@ class WorkerState:
     ready: bool
     seen_at: float
     slots: int = 1  # tasks it runs at once (WORKER_CONCURRENCY)
+    # What its engine can do (model_loader.contract.Capabilities as JSON): {"engine", "seed", ...}.
+    capabilities: dict = field(default_factory=dict)
 
 
 class Heartbeats:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def beat(self, name: str, ready: bool, slots: int) -> None:
+    def beat(self, name: str, ready: bool, capabilities: dict) -> None:
         """`ready` False says the worker is alive but cannot generate now (its engine is recovering)."""
-        self.redis.hset(KEY, name, json.dumps({"ready": ready, "at": time.time(), "slots": slots}))
+        state = {"ready": ready, "at": time.time(), "slots": capabilities["slots"], "capabilities": capabilities}
+        self.redis.hset(KEY, name, json.dumps(state))
 
     def remove(self, name: str) -> None:
         self.redis.hdel(KEY, name)
@@ -54,5 +57,6 @@ class Heartbeats:
 def _parse(name: bytes, value: bytes) -> WorkerState:
     fields = json.loads(value)
     return WorkerState(
-        name=name.decode(), ready=bool(fields["ready"]), seen_at=float(fields["at"]), slots=int(fields.get("slots", 1))
+        name=name.decode(), ready=bool(fields["ready"]), seen_at=float(fields["at"]), slots=int(fields.get("slots", 1)),
+        capabilities=fields.get("capabilities") or {},
     )

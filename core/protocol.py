@@ -191,9 +191,19 @@ class Timings(BaseModel):
 
 
 class MemoryStats(BaseModel):
+    """What the engine could tell of its memory; a figure it cannot tell is left out, never guessed."""
+
     device: str
+    engine: str | None = Field(None, description="llamacpp, vllm or transformers.")
     model_weight_bytes: int
-    peak_bytes: int = Field(description="CUDA peak allocated during the task on GPU; process peak RSS on CPU.")
+    peak_bytes: int = Field(
+        description="CUDA peak allocated during the task on GPU; else the generating process's peak (in-process "
+        "engines) or current (engine servers) resident memory."
+    )
+    process_rss_bytes: int | None = Field(None, description="Resident memory of the process that generates.")
+    kv_cache_tokens_used: int | None = Field(None, description="KV cache cells in use when the task ended.")
+    kv_cache_tokens: int | None = Field(None, description="KV cache cells reserved.")
+    gpu_bytes: int | None = Field(None, description="GPU memory the engine holds.")
 
 
 class GenerationResult(BaseModel):

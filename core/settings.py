@@ -27,10 +27,19 @@ class Settings(BaseSettings):
     api_url: str = Field("", description="Base URL clients use; empty means http://{api_host}:{api_port}.")
     log_level: str = "INFO"
 
-    # The model.
+    # The engine and the model.
+    engine: Literal["llamacpp", "vllm", "transformers"] = Field(
+        "llamacpp", description="What generates: llama.cpp's llama-server, vLLM's server, or transformers in-process."
+    )
     model_id: str = Field(EMBEDDED_MODEL, description="'embedded' (SmolLM2-135M-Instruct), a Hub id or a local folder.")
+    gguf_file: str = Field(
+        "", description="ENGINE=llamacpp: the GGUF to serve, a path or a file in MODEL_ID's folder or Hub repo; "
+        "empty for the embedded model."
+    )
     hf_token: SecretStr | None = None
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    quantization: Literal["auto", "nf4", "int8", "none"] = Field(
+        "auto", description="transformers and vLLM: 'auto' is NF4 on CUDA and none on the CPU."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache_dir: Path = Path(".cache/models")
     model_alias: str = Field("", description="Another name clients may give as `model` (the OpenAI API).")
@@ -47,8 +56,22 @@ class Settings(BaseSettings):
     default_repetition_penalty: float = Field(1.0, gt=0)
 
     # Worker and streaming.
-    worker_concurrency: int = Field(1, ge=1, description="Tasks one worker process serves at once; >1 batches them.")
-    kv_cache_tokens: int = Field(16_384, ge=256, description="KV cache shared by batched tasks (concurrency > 1).")
+    worker_concurrency: int | None = Field(
+        None, ge=1, description="Tasks one worker serves at once (the engine's slots); empty means 8 on the engine "
+        "servers and 1 on transformers, where more than 1 batches with fewer sampling options."
+    )
+    kv_cache_tokens: int = Field(16_384, ge=256, description="KV cache shared by the tasks an engine batches.")
+    engine_threads: int | None = Field(None, ge=1, description="CPU threads an engine server uses; empty means all cores.")
+    engine_port: int | None = Field(None, ge=1, le=65535, description="Loopback port of the engine server; empty picks a free one.")
+    engine_start_timeout_s: int = Field(600, ge=5, description="How long an engine server may take to start.")
+    llama_server_bin: Path = Field(
+        Path(".cache/llama.cpp/bin/llama-server"), description="llama.cpp's server binary (`make llama-server` builds it)."
+    )
+    llama_server_args: str = Field("", description="Extra llama-server arguments, e.g. '-ngl 99' for a CUDA build.")
+    vllm_python: Path = Field(
+        Path(".cache/vllm/bin/python"), description="The Python of vLLM's own environment (`make vllm` makes it)."
+    )
+    vllm_args: str = Field("", description="Extra `vllm serve` arguments.")
     max_batch_tokens: int = Field(512, ge=16, description="Most prompt tokens prefilled in one batched step.")
     stream_flush_tokens: int = Field(4, ge=1, description="Publish a chunk after this many new tokens...")
     stream_flush_ms: int = Field(100, ge=0, description="...or after this many milliseconds, whichever comes first.")
@@ -97,10 +120,19 @@ class Settings(BaseSettings):
         False, description="Let the API listen beyond loopback with no API_KEYS; without it, it refuses to start."
     )
 
+    @property
+    def worker_slots(self) -> int:
+        """WORKER_CONCURRENCY, or the engine's default: the servers batch 8; transformers runs 1, with every option."""
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        return 1 if self.engine == "transformers" else 8
+
     def usable_context(self, model_window: int) -> int:
         """Tokens one request may use: batched requests share the KV cache, and a request larger
-        than the whole cache would stop the batching engine rather than wait for room."""
-        return model_window if self.worker_concurrency == 1 else min(model_window, self.kv_cache_tokens)
+        than the whole cache could never be served."""
+        if self.engine == "transformers" and self.worker_slots == 1:
+            return model_window
+        return min(model_window, self.kv_cache_tokens)
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:

@@ -8,7 +8,8 @@ its own `TokenSink`: streaming, stop strings and cancellation stay per task, and
 stops early is cancelled in the manager so its slot frees at once.
 
 The manager samples from one generator for the whole batch and has no repetition penalty, so
-those two request options exist only at a concurrency of 1 (the API refuses them here).
+those two request options exist only at a concurrency of 1 (its capabilities say so, and the API
+refuses them while such a worker is live).
 
 Any exception in the manager's loop (a request it cannot take, CUDA out of memory) ends its
 decoding thread and fails every request in flight. The engine then starts a fresh manager on
@@ -31,7 +32,8 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from core.settings import Settings
-from model_loader.engine import (
+from model_loader.contract import (
+    Capabilities,
     EngineBroken,
     EngineRestarted,
     FlushPolicy,
@@ -40,12 +42,10 @@ from model_loader.engine import (
     Outcome,
     Resume,
     SamplingParams,
-    TokenSink,
-    decoder,
-    eos_ids,
     never,
 )
-from model_loader.loader import LoadedModel
+from model_loader.loader import LoadedModel, decoder, eos_ids, memory
+from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,14 @@ OUTPUT_WAIT_S = 0.5
 
 
 class BatchingEngine:
-    def __init__(self, loaded: LoadedModel, flush: FlushPolicy, settings: Settings) -> None:
+    def __init__(self, loaded: LoadedModel, flush: FlushPolicy, settings: Settings, context_tokens: int) -> None:
         self.loaded = loaded
+        self.name = loaded.name
         self.flush = flush
+        self.capabilities = Capabilities(
+            engine="transformers", slots=settings.worker_slots, context_tokens=context_tokens, seed=False,
+            repetition_penalty=False,
+        )
         self._settings = settings
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
@@ -66,7 +71,7 @@ class BatchingEngine:
         self._queues_lock = threading.Lock()
         self._manager_lock = threading.Lock()
         self._manager = self._start_manager()
-        log.info("continuous batching: up to %d tasks, %d KV-cache tokens", settings.worker_concurrency,
+        log.info("continuous batching: up to %d tasks, %d KV-cache tokens", settings.worker_slots,
                  settings.kv_cache_tokens)
 
     @property
@@ -82,13 +87,13 @@ class BatchingEngine:
         resume: Resume = Resume(),
     ) -> Outcome:
         if params.seed is not None or params.repetition_penalty != 1.0:
-            raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 (batched decoding lacks them)")
+            raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 with ENGINE=transformers")
         sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
         sink.resume(resume)
         if left := sink.tokens_left(params, self._eos_ids):
             self._run(input_ids + resume.token_ids, params, left, sink)
         sink.close()
-        return sink.outcome(len(input_ids), self._eos_ids, self.loaded.device)
+        return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
 
     def _run(self, input_ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
         manager = self._running_manager()

@@ -10,19 +10,9 @@ import threading
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from model_loader.engine import (
-    FlushPolicy,
-    Interruption,
-    OnChunk,
-    Outcome,
-    Resume,
-    SamplingParams,
-    TokenSink,
-    decoder,
-    eos_ids,
-    never,
-)
-from model_loader.loader import LoadedModel
+from model_loader.contract import Capabilities, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
+from model_loader.loader import LoadedModel, decoder, eos_ids, memory
+from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
 
 
@@ -38,9 +28,13 @@ class _SinkCriterion(StoppingCriteria):
 class SequentialEngine:
     """Owns the model; `generate` may be called from any thread and runs one at a time."""
 
-    def __init__(self, loaded: LoadedModel, flush: FlushPolicy) -> None:
+    def __init__(self, loaded: LoadedModel, flush: FlushPolicy, context_tokens: int) -> None:
         self.loaded = loaded
+        self.name = loaded.name
         self.flush = flush
+        self.capabilities = Capabilities(
+            engine="transformers", slots=1, context_tokens=context_tokens, seed=True, repetition_penalty=True
+        )
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
@@ -54,7 +48,10 @@ class SequentialEngine:
         resume: Resume = Resume(),
     ) -> Outcome:
         with self._lock, torch.inference_mode():
-            return self._generate(input_ids, params, on_chunk, interruption, resume)
+            try:
+                return self._generate(input_ids, params, on_chunk, interruption, resume)
+            except torch.OutOfMemoryError as exc:  # the contract's out-of-memory, which the worker answers
+                raise MemoryError(str(exc)) from exc
 
     @property
     def ready(self) -> bool:
@@ -92,7 +89,7 @@ class SequentialEngine:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         sink.close()
-        return sink.outcome(len(input_ids), self._eos_ids, device)
+        return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
 
 
 def _sampling_kwargs(params: SamplingParams, max_new_tokens: int) -> dict[str, object]:

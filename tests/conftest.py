@@ -1,7 +1,10 @@
 """Real processes for the tests: a redis-server, a Celery worker with the embedded model, the API.
 
 Each is started once per session on free ports and stopped at the end. Waits have deadlines;
-nothing sleeps for a fixed time hoping that something happened.
+nothing sleeps for a fixed time hoping that something happened. The stacks run the default
+engine (llama.cpp), or the one ENGINE names (`ENGINE=transformers make test`); the session's
+worker has one slot, so tasks run one after another as the queue tests expect, and the batching
+stack runs transformers' continuous batching.
 """
 
 import os
@@ -25,26 +28,35 @@ from devstack.processes import (  # noqa: F401  (free_port and wait_until are fo
     worker_command,
 )
 from devstack.redis_server import start_redis
-from model_loader.embedded import ensure_converted
-from model_loader.source import embedded_dir
+from model_loader.gguf_convert import ensure_converted
+from model_loader.source import EMBEDDED_GGUF, embedded_dir, package_dir
 
 MODEL_CACHE = ROOT / ".cache" / "models"
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    """The embedded model converted to a safetensors folder (once; cached across runs)."""
-    return ensure_converted(embedded_dir(Settings(model_cache_dir=MODEL_CACHE)))
+    """The embedded model converted to a safetensors folder, for transformers (once; cached across runs)."""
+    target = embedded_dir(Settings(_env_file=None, model_cache_dir=MODEL_CACHE))
+    return ensure_converted(package_dir() / EMBEDDED_GGUF, target, weights=True)
 
 
 @pytest.fixture(scope="session")
-def stack_env(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str, str]:
-    """Environment for every process of the test stack."""
+def tokenizer_dir() -> Path:
+    """The embedded model's tokenizer files and config, read out of its GGUF (seconds; cached)."""
+    target = MODEL_CACHE / f"{Path(EMBEDDED_GGUF).stem}-tokenizer"
+    return ensure_converted(package_dir() / EMBEDDED_GGUF, target, weights=False)
+
+
+@pytest.fixture(scope="session")
+def stack_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for every process of the test stack: each process prepares the model files it needs."""
     return os.environ | {
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "MODEL_CACHE_DIR": str(MODEL_CACHE),
         "API_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
+        "WORKER_CONCURRENCY": "1",
     }
 
 
@@ -73,8 +85,8 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def batching_api_url(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second, separate stack whose worker batches two tasks at once on its one model."""
-    stack = Stack(tmp_path_factory.mktemp("batching"), stack_env, WORKER_CONCURRENCY="2")
+    """A second, separate stack whose worker batches two tasks at once on its one model, with transformers."""
+    stack = Stack(tmp_path_factory.mktemp("batching"), stack_env, WORKER_CONCURRENCY="2", ENGINE="transformers")
     stack.start_redis()
     stack.start_worker("batching")
     stack.start_api()

@@ -108,7 +108,7 @@ def test_prompt_too_long_for_the_context_is_422(client: httpx.Client) -> None:
     assert detail["loc"] == ["body", "prompt"] and "limit" in detail["msg"]
 
 
-def test_api_process_never_imports_torch(model_dir: object) -> None:
+def test_api_process_never_imports_torch(tokenizer_dir: object) -> None:
     code = (
         "import sys, app.main; app.main.build_services(); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "

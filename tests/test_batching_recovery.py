@@ -15,7 +15,7 @@ import pytest
 
 from core.settings import Settings
 from model_loader.batching import BatchingEngine
-from model_loader.engine import EngineRestarted, FlushPolicy, SamplingParams
+from model_loader.contract import EngineRestarted, FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model
 
 SAMPLING = SamplingParams(max_new_tokens=200, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0)
@@ -28,7 +28,7 @@ def engine(model_dir: Path) -> Iterator[BatchingEngine]:
         model_cache_dir=model_dir.parent,
     )
     loaded = load_model(settings)
-    running = BatchingEngine(loaded, FlushPolicy(), settings)
+    running = BatchingEngine(loaded, FlushPolicy(), settings, context_tokens=512)
     yield running
     running.close()
 

@@ -29,8 +29,8 @@ class CountingFormatter:
 
 
 @pytest.fixture(scope="module", params=["template", "llama2"])
-def formatter(request: pytest.FixtureRequest, model_dir: Path) -> ChatFormatter:
-    return load_formatter(model_dir, request.param, "test")
+def formatter(request: pytest.FixtureRequest, tokenizer_dir: Path) -> ChatFormatter:
+    return load_formatter(tokenizer_dir, request.param, "test")
 
 
 def long_conversation(messages: int) -> GenerateRequest:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from model_loader.engine import FlushPolicy, SamplingParams
+from model_loader.contract import FlushPolicy, SamplingParams
 from model_loader.loader import LoadedModel, load_model, quantization_config
 from model_loader.sequential import SequentialEngine
 from tests.conftest import MODEL_CACHE
@@ -43,7 +43,7 @@ def test_nf4_is_smaller_than_fp32(nf4: LoadedModel) -> None:
 
 def test_nf4_generates_paris_on_the_cpu(nf4: LoadedModel) -> None:
     chunks: list[str] = []
-    outcome = SequentialEngine(nf4, FlushPolicy(every_tokens=2)).generate(
+    outcome = SequentialEngine(nf4, FlushPolicy(every_tokens=2), context_tokens=8192).generate(
         paris_prompt(nf4), GREEDY, lambda text, _: chunks.append(text)
     )
     assert "Paris" in outcome.text

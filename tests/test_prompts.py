@@ -39,20 +39,20 @@ def chat(*turns: str, system: str | None = None) -> list[ChatMessage]:
 
 
 @pytest.fixture(scope="module")
-def llama2(model_dir: Path) -> ChatFormatter:
-    return load_formatter(model_dir, "llama2", "test")
+def llama2(tokenizer_dir: Path) -> ChatFormatter:
+    return load_formatter(tokenizer_dir, "llama2", "test")
 
 
 @pytest.fixture(scope="module")
-def template(model_dir: Path) -> ChatFormatter:
-    return load_formatter(model_dir, "template", "test")
+def template(tokenizer_dir: Path) -> ChatFormatter:
+    return load_formatter(tokenizer_dir, "template", "test")
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(model_dir: Path) -> Any:
+def hf_tokenizer(tokenizer_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def hf_ids(hf_tokenizer: Any, system: str | None, messages: list[ChatMessage], **options: Any) -> list[int]:
@@ -114,8 +114,8 @@ def test_template_matches_transformers(
     assert template.encode(system, chat(*turns)) == hf_ids(hf_tokenizer, system, chat(*turns))
 
 
-def test_template_from_tokenizer_config_with_generation_block(model_dir: Path, tmp_path: Path) -> None:
-    shutil.copy(model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+def test_template_from_tokenizer_config_with_generation_block(tokenizer_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     source = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
         "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
@@ -125,7 +125,7 @@ def test_template_from_tokenizer_config_with_generation_block(model_dir: Path, t
     config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": source}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     formatter = load_formatter(tmp_path, "template", "test")
-    from_file = load_formatter(model_dir, "template", "test")
+    from_file = load_formatter(tokenizer_dir, "template", "test")
     assert formatter.encode("s", chat("q", "a", "q2")) == from_file.encode("s", chat("q", "a", "q2"))
 
 
@@ -143,10 +143,10 @@ def test_template_from_tokenizer_config_with_generation_block(model_dir: Path, t
     ],
 )
 def test_template_that_strips_contents_matches_transformers(
-    model_dir: Path, tmp_path: Path, hf_tokenizer: Any, source: str
+    tokenizer_dir: Path, tmp_path: Path, hf_tokenizer: Any, source: str
 ) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / name, tmp_path / name)
+        shutil.copy(tokenizer_dir / name, tmp_path / name)
     (tmp_path / "chat_template.jinja").write_text(source)
     system, messages = " padded system\n", chat("  hi there\n", "\n ok \n", " \n ")
     conversation = [{"role": m.role.value, "content": m.content} for m in chat(system=system) + messages]
@@ -155,8 +155,8 @@ def test_template_that_strips_contents_matches_transformers(
     assert load_formatter(tmp_path, "template", "test").encode(system, messages) == expected
 
 
-def test_template_without_chat_template_is_refused(model_dir: Path, tmp_path: Path) -> None:
-    shutil.copy(model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+def test_template_without_chat_template_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="no chat template"):
         load_formatter(tmp_path, "template", "test")
 
@@ -190,13 +190,13 @@ THINKING_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def thinking_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def thinking_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer plus `<think>` and `</think>` as added tokens not marked special, as Qwen3 ships them."""
     folder = tmp_path_factory.mktemp("thinking")
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     tokenizer.add_tokens([AddedToken(text, special=False, normalized=False) for text in (THINK, END_THINK)])
     tokenizer.save(str(folder / "tokenizer.json"))
-    shutil.copy(model_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    shutil.copy(tokenizer_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
     (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
     return folder
 
@@ -351,18 +351,18 @@ def test_a_plain_prompt_is_one_user_message() -> None:
         ("template", "meta-llama/Llama-2-7b-chat-hf", TemplateFormatter),
     ],
 )
-def test_format_selection(model_dir: Path, prompt_format: str, model_name: str, expected: type) -> None:
-    assert isinstance(load_formatter(model_dir, prompt_format, model_name), expected)
+def test_format_selection(tokenizer_dir: Path, prompt_format: str, model_name: str, expected: type) -> None:
+    assert isinstance(load_formatter(tokenizer_dir, prompt_format, model_name), expected)
 
 
-def test_unknown_format_is_refused(model_dir: Path) -> None:
+def test_unknown_format_is_refused(tokenizer_dir: Path) -> None:
     with pytest.raises(ValueError, match="unknown prompt format"):
-        load_formatter(model_dir, "chatml", "test")
+        load_formatter(tokenizer_dir, "chatml", "test")
 
 
-def test_context_window_from_config_or_override(model_dir: Path, tmp_path: Path) -> None:
-    assert context_window(model_dir, None) == 8192
-    assert context_window(model_dir, 2048) == 2048
+def test_context_window_from_config_or_override(tokenizer_dir: Path, tmp_path: Path) -> None:
+    assert context_window(tokenizer_dir, None) == 8192
+    assert context_window(tokenizer_dir, 2048) == 2048
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         context_window(tmp_path, None)

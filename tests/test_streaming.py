@@ -6,13 +6,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from core.protocol import HANDED_BACK
-from model_loader.engine import FlushPolicy, Resume, SamplingParams, TokenSink, never
+from model_loader.contract import FlushPolicy, Resume, SamplingParams, never
+from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
-    return AutoTokenizer.from_pretrained(model_dir)
+def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def stream_all(tokenizer, text: str, stop: tuple[str, ...] = (), flush_every: int = 1) -> tuple[list[str], TextStream]:  # type: ignore[no-untyped-def]

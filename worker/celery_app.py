@@ -37,7 +37,7 @@ def make_celery() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_pool="threads",
-        worker_concurrency=settings.worker_concurrency,
+        worker_concurrency=settings.worker_slots,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options=broker_transport_options(settings)

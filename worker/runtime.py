@@ -10,16 +10,15 @@ import time
 from dataclasses import dataclass, field
 
 import redis
-import torch
 
 from core.protocol import HANDED_BACK, SUPERSEDED, GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
 from core.store import Published, Started, TaskStore
-from model_loader.engine import Engine, EngineBroken, EngineRestarted, Outcome, Resume, SamplingParams, make_engine
-from model_loader.loader import load_model
-from model_loader.source import model_dir
-from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, load_formatter
+from model_loader.contract import Engine, EngineBroken, EngineRestarted, Outcome, Resume, SamplingParams
+from model_loader.factory import make_engine
+from model_loader.source import tokenizer_dir
+from prompts import ChatFormatter, PromptTooLong, build_prompt, load_formatter
 from worker.cancels import CancelListener
 from worker.interruptions import Interruptions
 from worker.leases import Leases, Send
@@ -69,21 +68,21 @@ class WorkerRuntime:
 
     @classmethod
     def start(cls, settings: Settings, send: Send) -> "WorkerRuntime":
-        """Load the model once for this process. `send` queues a task again (see `Leases`)."""
-        loaded = load_model(settings)
-        folder = model_dir(settings)
+        """Start the engine (and so load the model) once for this process. `send` queues a task
+        again (see `Leases`)."""
+        engine = make_engine(settings)
         store = TaskStore(
             connect(settings, retry_s=settings.worker_redis_retry_s),
             settings.result_ttl_s,
             retry_s=settings.worker_redis_retry_s,
             lease_s=settings.lease_s,
-            model=loaded.name,
+            model=engine.name,
         )
         return cls(
             settings=settings,
-            engine=make_engine(loaded, settings),
-            formatter=load_formatter(folder, settings.prompt_format, loaded.name),
-            context_window=settings.usable_context(context_window(folder, settings.context_window)),
+            engine=engine,
+            formatter=load_formatter(tokenizer_dir(settings), settings.prompt_format, engine.name),
+            context_window=engine.capabilities.context_tokens,
             store=store,
             leases=Leases(store, settings.lease_renew_s, send),
             cancels=CancelListener(store.redis),
@@ -149,9 +148,9 @@ class WorkerRuntime:
         except PromptTooLong as exc:
             self.store.fail(task_id, str(exc), attempt)
             return
-        except (torch.OutOfMemoryError, MemoryError):
+        except MemoryError:
             log.exception("task %s ran out of memory", task_id)
-            self.store.fail(task_id, _out_of_memory(self.engine.loaded.device.type), attempt)
+            self.store.fail(task_id, _out_of_memory(self.engine.capabilities.engine), attempt)
             return
         except Exception as exc:
             log.exception("task %s failed", task_id)
@@ -188,7 +187,6 @@ class WorkerRuntime:
     ) -> GenerationResult:
         """Figures for the whole answer: an attempt that went on from earlier ones adds their tokens
         and the time since the first one started (the gap between the two included)."""
-        loaded = self.engine.loaded
         now = time.time()
         first = started.first_started_at
         enqueued_at = self.store.enqueued_at(task_id) or first
@@ -211,10 +209,8 @@ class WorkerRuntime:
                 tokens_per_second=outcome.completion_tokens / generation_s if generation_s else 0.0,
                 total_s=now - enqueued_at,
             ),
-            memory=MemoryStats(
-                device=str(loaded.device), model_weight_bytes=loaded.weight_bytes, peak_bytes=outcome.peak_bytes
-            ),
-            model=loaded.name,
+            memory=_memory_stats(outcome, self.engine.capabilities.engine),
+            model=self.engine.name,
             worker=worker,
         )
 
@@ -226,8 +222,17 @@ def _gave_up(attempts: int) -> str:
     )
 
 
-def _out_of_memory(device: str) -> str:
+def _memory_stats(outcome: Outcome, engine: str) -> MemoryStats:
+    m = outcome.memory
+    return MemoryStats(
+        device=m.device, engine=engine, model_weight_bytes=m.weight_bytes, peak_bytes=m.peak_bytes,
+        process_rss_bytes=m.process_rss_bytes, kv_cache_tokens_used=m.kv_cache_tokens_used,
+        kv_cache_tokens=m.kv_cache_tokens, gpu_bytes=m.gpu_bytes,
+    )
+
+
+def _out_of_memory(engine: str) -> str:
     return (
-        f"the worker ran out of {device} memory; retry with a shorter prompt or fewer max_new_tokens, "
+        f"the {engine} engine ran out of memory; retry with a shorter prompt or fewer max_new_tokens, "
         "or lower WORKER_CONCURRENCY on the workers"
     )

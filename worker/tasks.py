@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.settings import get_settings
-from model_loader.engine import EngineBroken
+from model_loader.contract import EngineBroken
 from worker.celery_app import GENERATE_TASK, app, send_generate
 from worker.heartbeat import Heartbeat
 from worker.runtime import HandBack, WorkerRuntime
@@ -80,7 +80,7 @@ def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     generate.heartbeat = Heartbeat(
         Heartbeats(runtime.store.redis), name, ready=lambda: runtime.engine.ready,
-        slots=runtime.settings.worker_concurrency,
+        capabilities=runtime.engine.capabilities.to_json(),
     )
     generate.heartbeat.start()
     runtime.leases.start()

@@ -71,7 +71,7 @@ def props(services: ServicesDep) -> dict[str, Any]:
     settings = services.settings
     return {
         "default_generation_settings": {"n_ctx": services.context_window, "params": _defaults(settings)},
-        "total_slots": settings.worker_concurrency,
+        "total_slots": settings.worker_slots,
         "n_ctx": services.context_window,
         "chat_template": services.chat_template,
         "model": model_name(settings),

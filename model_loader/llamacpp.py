@@ -1,0 +1,197 @@
+"""Generation in llama.cpp's own `llama-server`, a child process this worker starts and supervises.
+
+llama-server batches every slot's decoding step into one pass (continuous batching over
+`--parallel` slots sharing one unified KV cache), so a worker with N slots runs N tasks in
+one server. Each task streams `/completion` with its prompt as token ids (prompt plus the
+published tokens when it goes on with an answer) and `return_tokens`, so every chunk carries
+the ids it came from; the ids go through the same `TokenSink` as on every engine, which owns
+stop strings, hold-back and interruptions. Leaving the stream closes the connection, which
+cancels the request in the server at its next step and frees the slot.
+
+Sampling is set to mean what it means on the other engines: the sampler chain is penalties,
+top-k, top-p, temperature (llama.cpp's default min-p of 0.05 is off), the repetition penalty
+looks back over the whole sequence as transformers' does, and temperature 0 is greedy.
+"""
+
+import json
+import logging
+import os
+import shlex
+from pathlib import Path
+from typing import NoReturn
+
+import httpx
+from tokenizers import Tokenizer
+
+from core.settings import Settings
+from model_loader.contract import (
+    Capabilities,
+    EngineMemory,
+    EngineRestarted,
+    FlushPolicy,
+    Interruption,
+    OnChunk,
+    Outcome,
+    Resume,
+    SamplingParams,
+    never,
+)
+from model_loader.engine_server import EngineServer
+from model_loader.sink import TokenSink
+from model_loader.source import gguf_path, model_name, tokenizer_dir
+from model_loader.streaming import TextStream
+from prompts import context_window
+from prompts.tokens import special_token_id, tokenizer_config
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ["penalties", "top_k", "top_p", "temperature"]
+SEED_MODULUS = 2**32  # llama.cpp's seeds are 32-bit; ours go up to 2**63 - 1
+
+
+def llama_server_binary(settings: Settings) -> Path:
+    binary = settings.llama_server_bin
+    if not binary.is_file():
+        raise RuntimeError(
+            f"ENGINE=llamacpp needs llama.cpp's llama-server at {binary}: build it once with `make llama-server` "
+            "(several minutes), point LLAMA_SERVER_BIN at one, or set ENGINE=transformers"
+        )
+    return binary
+
+
+class LlamaCppEngine:
+    def __init__(self, settings: Settings, flush: FlushPolicy) -> None:
+        folder = tokenizer_dir(settings)
+        self.name = model_name(settings)
+        self.flush = flush
+        self._gguf = gguf_path(settings)
+        self._binary = llama_server_binary(settings)
+        self._settings = settings
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._eos_ids = _eos_ids(folder, self._tokenizer)
+        context = settings.usable_context(context_window(folder, settings.context_window))
+        self.capabilities = Capabilities(
+            engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True
+        )
+        self.server = EngineServer(
+            "llama-server", self._command, "/health", settings.engine_start_timeout_s, port=settings.engine_port
+        )
+        self.server.start()
+        self._client = httpx.Client(base_url=self.server.url, timeout=httpx.Timeout(None, connect=5))
+
+    @property
+    def ready(self) -> bool:
+        return self.server.alive
+
+    def generate(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        on_chunk: OnChunk,
+        interruption: Interruption = never,
+        resume: Resume = Resume(),
+    ) -> Outcome:
+        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
+        sink.resume(resume)
+        if left := sink.tokens_left(params, self._eos_ids):
+            self._stream(input_ids + resume.token_ids, params, left, sink)
+        sink.close()
+        return sink.outcome(len(input_ids), self._eos_ids, self._memory())
+
+    def close(self) -> None:
+        self._client.close()
+        self.server.stop()
+
+    def _command(self, port: int) -> list[str]:
+        threads = self._settings.engine_threads or os.cpu_count() or 1
+        return [
+            str(self._binary), "--model", str(self._gguf), "--host", "127.0.0.1", "--port", str(port),
+            "--parallel", str(self._settings.worker_slots), "--kv-unified",
+            "--ctx-size", str(self._settings.kv_cache_tokens), "--threads", str(threads),
+            "--threads-batch", str(threads), "--no-webui", "--log-disable",
+            *shlex.split(self._settings.llama_server_args),
+        ]
+
+    def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
+        """Feed each streamed token to the sink until the server ends the answer or the sink says stop."""
+        if self.server.restart_if_dead():
+            log.warning("llama-server had died between tasks; started afresh")
+        try:
+            with self._client.stream("POST", self.server.url + "/completion", json=_body(ids, params, max_new_tokens)) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"llama-server refused the request: {response.read().decode(errors='replace')}")
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"llama-server: {event['error']}")
+                    for token in event.get("tokens", ()):
+                        if sink.add(token):
+                            return  # closing the stream cancels the request in the server
+                    if event.get("stop"):
+                        self._learn_eos(event, sink)
+                        return
+        except httpx.TransportError as exc:
+            if self.server.alive:
+                raise
+            self._restarted(str(exc))
+
+    def _learn_eos(self, event: dict, sink: TokenSink) -> None:
+        """The vocabulary's end-of-generation tokens are llama.cpp's to know (a GGUF may mark more than the
+        tokenizer files say): the one that ended an answer counts as end of sequence from then on."""
+        if event.get("stop_type") == "eos" and sink.last_token is not None and sink.last_token not in self._eos_ids:
+            self._eos_ids.append(sink.last_token)
+
+    def _restarted(self, why: str) -> NoReturn:
+        self.server.restart_if_dead()  # EngineBroken if it cannot start again
+        self._client = httpx.Client(base_url=self.server.url, timeout=httpx.Timeout(None, connect=5))
+        raise EngineRestarted(f"llama-server died under this task ({why}) and was restarted")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _memory(self) -> EngineMemory:
+        """The GGUF is mapped as it is, so the weights are its size; the server's RSS is current, not
+        peak (the weights, the whole KV cache it reserved at start and its buffers)."""
+        rss = self.server.rss_bytes() or 0
+        return EngineMemory(
+            device="cpu" if "-ngl" not in self._settings.llama_server_args else "cuda",
+            weight_bytes=self._gguf.stat().st_size,
+            peak_bytes=rss,
+            process_rss_bytes=rss,
+            kv_cache_tokens=self._settings.kv_cache_tokens,
+        )
+
+
+def _body(ids: list[int], params: SamplingParams, max_new_tokens: int) -> dict[str, object]:
+    body: dict[str, object] = {
+        "prompt": ids,
+        "n_predict": max_new_tokens,
+        "stream": True,
+        "return_tokens": True,
+        "cache_prompt": True,
+        "samplers": SAMPLERS,
+        "min_p": 0.0,
+        "repeat_penalty": params.repetition_penalty,
+        "repeat_last_n": len(ids) + max_new_tokens,
+    }
+    if params.temperature == 0:
+        body |= {"temperature": 0.0, "top_k": 1}
+    else:
+        body |= {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+    if params.seed is not None:
+        body["seed"] = params.seed % SEED_MODULUS
+    return body
+
+
+def _eos_ids(folder: Path, tokenizer: Tokenizer) -> list[int]:
+    """config.json's eos_token_id (one or several) and tokenizer_config.json's eos_token."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    found = config.get("eos_token_id")
+    ids = list(found) if isinstance(found, list) else [found] if isinstance(found, int) else []
+    try:
+        ids.append(special_token_id(tokenizer, tokenizer_config(folder), "eos_token"))
+    except ValueError:
+        pass
+    return sorted(set(ids))
