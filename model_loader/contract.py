@@ -17,16 +17,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from core.protocol import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+__all__ = ["SamplingParams"]  # made by the request itself (GenerateRequest.to_sampling_params), used by engines
 
 
 @dataclass(frozen=True)

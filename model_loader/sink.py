@@ -67,7 +67,7 @@ class TokenSink:
         if self.interrupted in (SUPERSEDED, HANDED_BACK):
             self._publish(self.stream.take_publishable())
         else:
-            self._publish(self.stream.take_rest())
+            self._publish(self.stream.take_rest(), final=True)
 
     def outcome(self, prompt_tokens: int, eos_ids: list[int], memory: EngineMemory) -> Outcome:
         return Outcome(
@@ -90,8 +90,10 @@ class TokenSink:
             return "eos"
         return "length"
 
-    def _publish(self, chunk: str) -> None:
+    def _publish(self, chunk: str, final: bool = False) -> None:
+        """A chunk with no text waits for the next, except the last: its ids (an end-of-sequence
+        token decodes to nothing) still belong to the answer a takeover would resume."""
         self._last_flush = time.perf_counter()
-        if chunk:
+        if chunk or (final and self._unpublished_ids):
             self.on_chunk(chunk, self._unpublished_ids)
             self._unpublished_ids = []

@@ -8,6 +8,8 @@ import pytest
 from core.protocol import ChatMessage, GenerateRequest, Role
 from prompts import ChatFormatter, build_prompt, load_formatter
 
+pytestmark = pytest.mark.fast
+
 WORDS = "the quick brown fox jumps over a lazy dog and keeps running far away into the hills".split()
 
 

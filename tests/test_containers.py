@@ -32,6 +32,8 @@ from core.settings import Settings
 from devstack.processes import free_port
 from devstack.redis_server import start_redis
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID_DEFAULT = "${MODEL_ID:-meta-llama/Llama-2-7b-chat-hf}"
 

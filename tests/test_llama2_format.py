@@ -20,6 +20,8 @@ from prompts.llama2 import Llama2Formatter
 from tests.llama2_tokenizer import BOS, EOS, UNK, write_llama2_model_dir
 from tests.test_prompts import chat, hf_ids
 
+pytestmark = pytest.mark.fast
+
 TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 

@@ -21,6 +21,8 @@ from prompts import ChatFormatter, PromptTooLong, build_prompt, context_window, 
 from prompts.llama2 import Llama2Formatter
 from prompts.template import TemplateFormatter
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent
 ENDOFTEXT, BOS, EOS = 0, 1, 2
 # "[", "INST", "]"  and  " [", "/", "INST", "]"

@@ -1,7 +1,10 @@
 """The Responses stream's numbering, as a pure function of a task's chunks (no Redis, no model)."""
 
+import pytest
 from app.openai.responses.events import ResponseEvents
 from app.openai.responses.protocol import OutputMessage, OutputText, Response
+
+pytestmark = pytest.mark.fast
 
 ITEM = "msg_1"
 BASE = Response(

@@ -7,6 +7,8 @@ import pytest
 from core.settings import Settings
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.fast
+
 
 def example_keys() -> list[str]:
     lines = (ROOT / ".env.example").read_text().splitlines()

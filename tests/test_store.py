@@ -12,6 +12,8 @@ from core.protocol import TaskStatus
 from core.store import TaskStore
 from devstack.processes import wait_until
 
+pytestmark = pytest.mark.fast
+
 DELIVERIES = 8
 ROUNDS = 20
 LEASE_S = 0.3

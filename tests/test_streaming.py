@@ -10,6 +10,8 @@ from model_loader.contract import FlushPolicy, Resume, SamplingParams, never
 from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]

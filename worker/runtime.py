@@ -15,7 +15,7 @@ from core.protocol import HANDED_BACK, SUPERSEDED, GenerateRequest, GenerationRe
 from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
 from core.store import Published, Started, TaskStore
-from model_loader.contract import Engine, EngineBroken, EngineRestarted, Outcome, Resume, SamplingParams
+from model_loader.contract import Engine, EngineBroken, EngineRestarted, Outcome, Resume
 from model_loader.factory import make_engine
 from model_loader.source import tokenizer_dir
 from prompts import ChatFormatter, PromptTooLong, build_prompt, load_formatter
@@ -34,25 +34,6 @@ class HandBack(Exception):
     comes first then runs it, and the other is dropped as a duplicate); or the worker is stopping
     before the task started.
     """
-
-
-def sampling_params(request: GenerateRequest, settings: Settings) -> SamplingParams:
-    """The request's sampling choices. The API fills in its defaults before it queues a task
-    (`app.admission.with_defaults`); this worker's apply only to a payload that lacks them (one
-    sent by an API of an earlier version, or by hand)."""
-
-    def pick(value, default):  # type: ignore[no-untyped-def]
-        return default if value is None else value
-
-    return SamplingParams(
-        max_new_tokens=pick(request.max_new_tokens, settings.default_max_new_tokens),
-        temperature=pick(request.temperature, settings.default_temperature),
-        top_p=pick(request.top_p, settings.default_top_p),
-        top_k=pick(request.top_k, settings.default_top_k),
-        repetition_penalty=pick(request.repetition_penalty, settings.default_repetition_penalty),
-        seed=request.seed,
-        stop=tuple(request.stop),
-    )
 
 
 @dataclass
@@ -167,7 +148,7 @@ class WorkerRuntime:
 
     def _generate(self, task_id: str, request: GenerateRequest, started: Started, published: Published) -> Outcome:
         """The time limit counts from the task's first start, so it bounds the whole answer."""
-        params = sampling_params(request, self.settings)
+        params = request.to_sampling_params(self.settings)
         prompt = build_prompt(
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )

@@ -25,7 +25,7 @@ from app.llamacpp.protocol import (
 from app.security import CallerTag
 from app.sse import sse_response
 from app.streams import CLIENT_GONE, StreamBroken, final_view, texts_then_result, until_ended
-from core.protocol import TaskView
+from core.protocol import TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
 
@@ -96,12 +96,14 @@ def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
 
 
 def _defaults(settings: Settings) -> dict[str, object]:
+    """The server's defaults under llama.cpp's names."""
+    ours = sampling_defaults(settings)
     return {
-        "n_predict": settings.default_max_new_tokens,
-        "temperature": settings.default_temperature,
-        "top_k": settings.default_top_k,
-        "top_p": settings.default_top_p,
-        "repeat_penalty": settings.default_repetition_penalty,
+        "n_predict": ours["max_new_tokens"],
+        "temperature": ours["temperature"],
+        "top_k": ours["top_k"],
+        "top_p": ours["top_p"],
+        "repeat_penalty": ours["repetition_penalty"],
         "seed": -1,
         "stop": [],
     }

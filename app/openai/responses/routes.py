@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response as HTTPResponse
 from fastapi.sse import ServerSentEvent
 
-from app.admission import admit, internal_request, with_defaults
+from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
 from app.openai.errors import OpenAIError
 from app.openai.responses import convert
@@ -70,7 +70,7 @@ async def create_response(
     body: ResponseCreateRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> HTTPResponse:
     convert.check_supported(body, served_models(services))
-    internal = with_defaults(internal_request(convert.internal_fields(body)), services.settings)
+    internal = internal_request(convert.internal_fields(body)).with_defaults(services.settings)
     settings = convert.settings_of(body, internal)
     task_id = await run_in_threadpool(admit, internal, services, caller, settings.model_dump_json())
     headers = {"X-Task-Id": task_id}

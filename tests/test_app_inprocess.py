@@ -1,0 +1,102 @@
+"""The API in this process (FastAPI's TestClient) against a real redis-server of its own, with no worker.
+
+Workers are stood in for by the heartbeat entries a live worker writes into Redis, which is all
+the API reads of them: whether one is ready, and what its engine can do.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from core.heartbeats import Heartbeats
+from core.settings import get_settings
+from devstack.processes import free_port
+from devstack.redis_server import start_redis
+from model_loader.contract import Capabilities
+from tests.conftest import MODEL_CACHE
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = start_redis(url, tmp_path_factory.mktemp("inprocess-redis"))
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
+    from app.main import create_app
+    from worker.celery_app import make_celery
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("REDIS_URL", redis_url)
+        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
+        env.setenv("API_KEYS", "")
+        get_settings.cache_clear()
+        with TestClient(create_app(get_settings())) as client:
+            # The process's Celery app was made at import, with the settings of that moment.
+            client.app.state.services.celery = make_celery()  # type: ignore[attr-defined]
+            yield client
+        get_settings.cache_clear()
+
+
+@pytest.fixture
+def heartbeats(redis_url: str) -> Iterator[Heartbeats]:
+    client = redis.Redis.from_url(redis_url)
+    client.delete("workers:heartbeat")
+    yield Heartbeats(client)
+    client.delete("workers:heartbeat")
+    client.close()
+
+
+def beat(heartbeats: Heartbeats, name: str, **capabilities: bool) -> None:
+    caps = Capabilities(engine="transformers", slots=2, context_tokens=512, seed=True, repetition_penalty=True)
+    heartbeats.beat(name, ready=True, capabilities=caps.to_json() | capabilities)
+
+
+def test_health_is_down_without_a_worker_and_up_with_one(api: TestClient, heartbeats: Heartbeats) -> None:
+    down = api.get("/health")
+    assert down.status_code == 503 and down.json()["workers"]["ok"] is False
+    beat(heartbeats, "w1@host")
+    assert api.get("/health").status_code == 200
+
+
+def test_an_option_a_live_worker_lacks_is_refused_by_name(api: TestClient, heartbeats: Heartbeats) -> None:
+    beat(heartbeats, "able@host")
+    beat(heartbeats, "batching@host", seed=False, repetition_penalty=False)
+    refused = api.post("/generate", json={"prompt": "hi", "seed": 3})
+    assert refused.status_code == 422
+    detail = refused.json()["detail"][0]
+    assert detail["loc"] == ["body", "seed"] and "batching@host" in detail["msg"]
+    penalty = api.post("/generate", json={"prompt": "hi", "repetition_penalty": 1.3})
+    assert penalty.status_code == 422 and penalty.json()["detail"][0]["loc"] == ["body", "repetition_penalty"]
+
+
+def test_an_option_every_live_worker_has_is_queued(api: TestClient, heartbeats: Heartbeats) -> None:
+    beat(heartbeats, "able@host")
+    accepted = api.post("/generate", json={"prompt": "hi", "seed": 3, "repetition_penalty": 1.3})
+    assert accepted.status_code == 202, accepted.text
+    task = api.get(f"/task/{accepted.json()['task_id']}")
+    assert task.status_code == 200 and task.json()["status"] == "queued"
+
+
+def test_each_family_refuses_in_its_own_envelope(api: TestClient) -> None:
+    ours = api.post("/generate", json={"prompt": "hi", "max_new_tokens": 0})
+    assert ours.status_code == 422 and ours.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]
+    openai = api.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert openai.status_code == 404 and openai.json()["error"]["code"] == "model_not_found"
+    llamacpp = api.post("/completion", json={"prompt": "hi", "n_predict": "many"})
+    assert llamacpp.status_code == 400 and llamacpp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_tokenize_counts_with_the_tokenizer_read_out_of_the_gguf(api: TestClient) -> None:
+    tokens = api.post("/tokenize", json={"content": "The capital of France is Paris."}).json()["tokens"]
+    detokenized = api.post("/detokenize", json={"tokens": tokens}).json()["content"]
+    assert len(tokens) > 3 and detokenized.strip() == "The capital of France is Paris."

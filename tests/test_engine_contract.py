@@ -1,0 +1,176 @@
+"""The engine contract, held by every engine on the real embedded model: the same tests, each engine.
+
+llama.cpp (its llama-server child, two slots), transformers one at a time, transformers'
+continuous batching (two slots) and vLLM (its server child, two slots). Each test says what a worker relies on: the chunks and their
+token ids add up to the answer, stop strings, cancel freeing the slot, seeds, going on from
+published tokens, handing back, and surviving the engine's death.
+"""
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.protocol import HANDED_BACK, GenerateRequest
+from core.settings import Settings
+from model_loader.contract import Engine, EngineRestarted, Resume, SamplingParams
+from model_loader.factory import make_engine
+from prompts import build_prompt, load_formatter
+from tests.conftest import MODEL_CACHE
+
+ENGINES = {
+    "llamacpp": {"ENGINE": "llamacpp", "WORKER_CONCURRENCY": "2", "KV_CACHE_TOKENS": "4096"},
+    "transformers": {"ENGINE": "transformers", "WORKER_CONCURRENCY": "1"},
+    "transformers-batching": {"ENGINE": "transformers", "WORKER_CONCURRENCY": "2", "KV_CACHE_TOKENS": "2048"},
+    # vLLM's CPU backend, in its own environment (`make vllm`); eager, since compiling takes minutes.
+    "vllm": {"ENGINE": "vllm", "WORKER_CONCURRENCY": "2", "KV_CACHE_TOKENS": "4096", "VLLM_ARGS": "--enforce-eager"},
+}
+STORY = "Write a long story about a lighthouse keeper."
+JAPANESE = "How do you write 'Tokyo' in Japanese characters?"
+
+
+def greedy(tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0, stop=stop)
+
+
+def settings_for(name: str) -> Settings:
+    fields = {key.lower(): value for key, value in ENGINES[name].items()}
+    return Settings(_env_file=None, model_cache_dir=MODEL_CACHE, quantization="none", **fields)
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Engine]:
+    settings = settings_for(request.param)
+    running = make_engine(settings)
+    assert running.capabilities.slots == settings.worker_slots
+    yield running
+    running.close()
+
+
+def prompt(engine: Engine, text: str, tokenizer_dir: Path) -> list[int]:
+    formatter = load_formatter(tokenizer_dir, "auto", engine.name)
+    return build_prompt(formatter, GenerateRequest(prompt=text), "You are a helpful assistant.", 2048).input_ids
+
+
+class Recorder:
+    """What a worker's on_chunk would publish: each chunk's text and token ids."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.chunk_ids: list[list[int]] = []
+
+    def __call__(self, text: str, ids: list[int]) -> None:
+        self.texts.append(text)
+        self.chunk_ids.append(list(ids))
+
+    @property
+    def ids(self) -> list[int]:
+        return [token for ids in self.chunk_ids for token in ids]
+
+    def first(self, count: int) -> Resume:
+        """What another attempt reads back once `count` chunks were published."""
+        return Resume([token for ids in self.chunk_ids[:count] for token in ids], "".join(self.texts[:count]))
+
+
+def test_chunks_and_their_token_ids_add_up_to_the_answer(engine: Engine, tokenizer_dir: Path) -> None:
+    chunks = Recorder()
+    outcome = engine.generate(prompt(engine, JAPANESE, tokenizer_dir), greedy(32), chunks)
+    assert len(chunks.texts) > 1 and "".join(chunks.texts) == outcome.text
+    assert any(ord(c) > 127 for c in outcome.text), outcome.text
+    assert len(chunks.ids) == outcome.completion_tokens
+    assert outcome.prompt_tokens > 0 and outcome.finish_reason in ("eos", "length")
+    assert outcome.memory.weight_bytes > 0 and outcome.memory.peak_bytes > 0
+
+
+def test_a_stop_string_across_chunks_ends_the_answer_before_it(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    whole = engine.generate(ids, greedy(48), Recorder())
+    words = whole.text.split()
+    stop = " ".join(words[8:10])  # two words: more than one token, and so across chunks of one token
+    chunks = Recorder()
+    cut = engine.generate(ids, greedy(48, stop=(stop,)), chunks)
+    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.text == whole.text[: whole.text.index(stop)] == "".join(chunks.texts)
+    assert cut.completion_tokens < whole.completion_tokens
+
+
+def test_going_on_from_published_tokens_ends_as_the_uninterrupted_answer(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    chunks = Recorder()
+    whole = engine.generate(ids, greedy(64), chunks)
+    assert len(chunks.texts) > 3
+    for published in (1, len(chunks.texts) // 2, len(chunks.texts) - 1):
+        rest = Recorder()
+        resumed = engine.generate(ids, greedy(64), rest, resume=chunks.first(published))
+        assert resumed.text == whole.text and resumed.completion_tokens == whole.completion_tokens
+        assert chunks.first(published).text + "".join(rest.texts) == whole.text
+
+
+def test_the_same_seed_gives_the_same_answer(engine: Engine, tokenizer_dir: Path) -> None:
+    if not engine.capabilities.seed:
+        assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
+        return  # the heartbeat says so, and the API refuses a seed (tests/test_app_inprocess.py)
+    ids = prompt(engine, STORY, tokenizer_dir)
+
+    def sample(seed: int) -> str:
+        params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=seed)
+        return engine.generate(ids, params, Recorder()).text
+
+    first = sample(1)
+    assert sample(1) == first and sample(2) != first
+
+
+def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    chunks = Recorder()
+    cancel = threading.Event()
+
+    def on_chunk(text: str, token_ids: list[int]) -> None:
+        chunks(text, token_ids)
+        cancel.set()
+
+    outcome = engine.generate(ids, greedy(400), on_chunk, interruption=lambda: "cancelled" if cancel.is_set() else None)
+    assert outcome.finish_reason == "cancelled" and outcome.completion_tokens < 20
+    for _ in range(engine.capabilities.slots + 1):  # every slot is free again
+        assert engine.generate(ids, greedy(4), Recorder()).completion_tokens == 4
+
+
+def test_a_handed_back_answer_keeps_its_held_back_text_for_the_next_attempt(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    whole = engine.generate(ids, greedy(24), Recorder())
+    stop = whole.text.split()[-1] + "~never"  # a stop string whose start may be held back
+    chunks = Recorder()
+    stopping = threading.Event()
+
+    def on_chunk(text: str, token_ids: list[int]) -> None:
+        chunks(text, token_ids)
+        stopping.set()
+
+    outcome = engine.generate(ids, greedy(24, stop=(stop,)), on_chunk, interruption=lambda: HANDED_BACK if stopping.is_set() else None)
+    assert outcome.finish_reason == HANDED_BACK
+    assert whole.text.startswith("".join(chunks.texts))
+
+
+def test_an_engine_that_dies_hands_its_task_back_and_serves_on(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    if engine.capabilities.engine == "transformers":
+        # In this process: nothing of its own can die. The batching engine's decoding thread can,
+        # and tests/test_batching_recovery.py kills it.
+        assert not hasattr(engine, "server")
+        return
+    server = engine.server  # type: ignore[attr-defined]
+    killed = threading.Event()
+
+    def on_chunk(text: str, token_ids: list[int]) -> None:
+        if not killed.is_set():
+            killed.set()
+            os.kill(server.pid, signal.SIGKILL)
+
+    with pytest.raises(EngineRestarted):
+        engine.generate(ids, greedy(400), on_chunk)
+    assert engine.ready and server.restarts == 1
+    after = engine.generate(prompt(engine, "What is the capital of France?", tokenizer_dir), greedy(16), Recorder())
+    assert "Paris" in after.text
