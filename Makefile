@@ -9,7 +9,7 @@ ENGINE ?= llamacpp
 ENGINE_DEPS := $(if $(filter llamacpp,$(ENGINE)),llama-server,)$(if $(filter vllm,$(ENGINE)),vllm,)
 APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: run test test-fast test-engines bench install llama-server vllm test-deps clean
+.PHONY: run test test-fast bench install llama-server vllm test-deps system-packages clean
 
 install: $(STAMP)
 
@@ -32,10 +32,15 @@ vllm: $(STAMP)
 run: $(STAMP) $(ENGINE_DEPS)
 	$(PY) -m devstack
 
-test-deps: $(STAMP) llama-server vllm
-	command -v chromium >/dev/null || ($(APT) chromium >/dev/null)
-	command -v nginx >/dev/null || test -x /usr/sbin/nginx || ($(APT) nginx >/dev/null)
-	command -v ip >/dev/null || ($(APT) iproute2 >/dev/null)
+# Debian packages first, in one apt call (the tests' chromium, nginx and ip; the build's cmake and
+# g++); then the build keeps the cores busy while vLLM downloads beside it.
+test-deps: $(STAMP) system-packages
+	$(MAKE) --no-print-directory -j2 llama-server vllm
+
+system-packages:
+	@missing="$$(for need in chromium:chromium nginx:nginx ip:iproute2 cmake:cmake c++:g++; do \
+	  command -v $${need%%:*} >/dev/null || test -x /usr/sbin/$${need%%:*} || echo $${need#*:}; done)"; \
+	[ -z "$$missing" ] || { echo "installing" $$missing "with apt"; $(APT) $$missing >/dev/null; }
 
 # Every tier: pure and Redis-only tests, the engine contract on each engine, then the whole stack.
 test: test-deps

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -49,8 +50,8 @@ from bench.table import print_table
 from core.settings import Settings
 from devstack.processes import Stack, wait_healthy
 from model_loader.engine_server import EngineServer
-from model_loader.llamacpp import llama_server_binary
-from model_loader.source import gguf_path, model_dir
+from model_loader.llamacpp import llama_server_command
+from model_loader.source import model_dir
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Distinct prompts that draw long answers, so greedy streams run to the token budget (mostly).
@@ -302,22 +303,6 @@ def own_server(name: str, command: Callable[[int], list[str]], start_timeout_s: 
         server.stop()
 
 
-def llama_server_command(settings: Settings, slots: int) -> Callable[[int], list[str]]:
-    """The flags `LlamaCppEngine._command` starts the worker's llama-server with (keep the two alike)."""
-    binary, gguf = llama_server_binary(settings), gguf_path(settings)
-    threads = settings.engine_threads or os.cpu_count() or 1
-
-    def command(port: int) -> list[str]:
-        return [
-            str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--parallel", str(slots), "--kv-unified", "--ctx-size", str(settings.kv_cache_tokens),
-            "--threads", str(threads), "--threads-batch", str(threads), "--no-webui", "--log-disable",
-            *shlex.split(settings.llama_server_args),
-        ]
-
-    return command
-
-
 def vllm_command(settings: Settings, slots: int) -> Callable[[int], list[str]]:
     """`vllm serve` on the converted folder; fp32 on the CPU unless VLLM_ARGS names a dtype."""
     folder = model_dir(settings)
@@ -347,7 +332,7 @@ def systems(engines: list[str], transformers_slots: list[int], settings: Setting
             chosen.append(System("ours-llamacpp", "ours: llamacpp, 8 slots",
                                  lambda: our_stack("llamacpp", 8, logs, timeout)))
             chosen.append(System("llama-server", "llama.cpp llama-server, 8 slots",
-                                 lambda: own_server("bench-llama-server", llama_server_command(settings, 8), timeout)))
+                                 lambda: own_server("bench-llama-server", partial(llama_server_command, settings, 8), timeout)))
         elif engine == "transformers":
             for slots in transformers_slots:
                 how = "1 slot, sequential" if slots == 1 else f"{slots} slots, batching"

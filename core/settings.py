@@ -4,10 +4,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
@@ -72,6 +73,12 @@ class Settings(BaseSettings):
         Path(".cache/vllm/bin/python"), description="The Python of vLLM's own environment (`make vllm` makes it)."
     )
     vllm_args: str = Field("", description="Extra `vllm serve` arguments.")
+
+    @field_validator("llama_server_bin", "vllm_python")
+    @classmethod
+    def _in_the_project(cls, path: Path) -> Path:
+        """What `make` built lives in this checkout, wherever a process is started from."""
+        return path if path.is_absolute() else PROJECT / path
     max_batch_tokens: int = Field(512, ge=16, description="Most prompt tokens prefilled in one batched step.")
     stream_flush_tokens: int = Field(4, ge=1, description="Publish a chunk after this many new tokens...")
     stream_flush_ms: int = Field(100, ge=0, description="...or after this many milliseconds, whichever comes first.")

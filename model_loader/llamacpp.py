@@ -40,6 +40,7 @@ from model_loader.engine_server import EngineServer
 from model_loader.sink import TokenSink
 from model_loader.source import gguf_path, model_name, tokenizer_dir
 from model_loader.streaming import TextStream
+from model_loader.token_bytes import HeldTokens
 from prompts import context_window
 from prompts.tokens import special_token_id, tokenizer_config
 
@@ -59,16 +60,28 @@ def llama_server_binary(settings: Settings) -> Path:
     return binary
 
 
+def llama_server_command(settings: Settings, slots: int, port: int) -> list[str]:
+    """How a worker starts its llama-server (and `bench/engines.py` the same server on its own)."""
+    threads = settings.engine_threads or os.cpu_count() or 1
+    return [
+        str(llama_server_binary(settings)), "--model", str(gguf_path(settings)), "--host", "127.0.0.1",
+        "--port", str(port), "--parallel", str(slots), "--kv-unified", "--ctx-size", str(settings.kv_cache_tokens),
+        "--threads", str(threads), "--threads-batch", str(threads), "--no-webui", "--log-disable",
+        *shlex.split(settings.llama_server_args),
+    ]
+
+
 class LlamaCppEngine:
     def __init__(self, settings: Settings, flush: FlushPolicy) -> None:
         folder = tokenizer_dir(settings)
         self.name = model_name(settings)
         self.flush = flush
         self._gguf = gguf_path(settings)
-        self._binary = llama_server_binary(settings)
+        llama_server_binary(settings)  # before anything starts: say what is missing and how to make it
         self._settings = settings
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._eos_ids = _eos_ids(folder, self._tokenizer)
+        self._held = HeldTokens(self._tokenizer)
         context = settings.usable_context(context_window(folder, settings.context_window))
         self.capabilities = Capabilities(
             engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True
@@ -103,14 +116,7 @@ class LlamaCppEngine:
         self.server.stop()
 
     def _command(self, port: int) -> list[str]:
-        threads = self._settings.engine_threads or os.cpu_count() or 1
-        return [
-            str(self._binary), "--model", str(self._gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--parallel", str(self._settings.worker_slots), "--kv-unified",
-            "--ctx-size", str(self._settings.kv_cache_tokens), "--threads", str(threads),
-            "--threads-batch", str(threads), "--no-webui", "--log-disable",
-            *shlex.split(self._settings.llama_server_args),
-        ]
+        return llama_server_command(self._settings, self._settings.worker_slots, port)
 
     def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
         """Feed each streamed token to the sink until the server ends the answer or the sink says stop."""
@@ -120,13 +126,16 @@ class LlamaCppEngine:
             with self._client.stream("POST", self.server.url + "/completion", json=_body(ids, params, max_new_tokens)) as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"llama-server refused the request: {response.read().decode(errors='replace')}")
+                seen = 0
                 for line in response.iter_lines():
                     if not line.startswith("data: "):
                         continue
                     event = json.loads(line[6:])
                     if "error" in event:
                         raise RuntimeError(f"llama-server: {event['error']}")
-                    for token in event.get("tokens", ()):
+                    tokens = self._with_held_tokens(event, seen)
+                    seen += len(tokens)
+                    for token in tokens:
                         if sink.add(token):
                             return  # closing the stream cancels the request in the server
                     if event.get("stop"):
@@ -136,6 +145,22 @@ class LlamaCppEngine:
             if self.server.alive:
                 raise
             self._restarted(str(exc))
+
+    def _with_held_tokens(self, event: dict, seen: int) -> list[int]:
+        """The event's tokens, preceded by those llama-server held back inside a UTF-8 character and
+        left out of `tokens` (model_loader/token_bytes.py): without them the text would be wrong and
+        a takeover would go on from the wrong ids. An answer cut inside a character leaves its last
+        bytes unsent, and their tokens with them."""
+        tokens = list(event.get("tokens") or ())
+        held = event.get("tokens_predicted", seen + len(tokens)) - seen - len(tokens)
+        if held <= 0 or not tokens:
+            return tokens
+        text = event.get("content", "").encode()
+        last = b"".join(self._held.bytes_of[token] for token in tokens)
+        recovered = self._held.recover(text[: len(text) - len(last)], held) if text.endswith(last) else None
+        if recovered is None:
+            raise RuntimeError(f"llama-server left {held} token(s) of {event.get('content')!r} unnamed, and no tokens fit")
+        return recovered + tokens
 
     def _learn_eos(self, event: dict, sink: TokenSink) -> None:
         """The vocabulary's end-of-generation tokens are llama.cpp's to know (a GGUF may mark more than the

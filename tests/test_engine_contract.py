@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
 from core.protocol import HANDED_BACK, GenerateRequest
 from core.settings import Settings
@@ -79,8 +80,9 @@ def test_chunks_and_their_token_ids_add_up_to_the_answer(engine: Engine, tokeniz
     chunks = Recorder()
     outcome = engine.generate(prompt(engine, JAPANESE, tokenizer_dir), greedy(32), chunks)
     assert len(chunks.texts) > 1 and "".join(chunks.texts) == outcome.text
-    assert any(ord(c) > 127 for c in outcome.text), outcome.text
+    assert any(ord(c) > 127 for c in outcome.text) and "\ufffd" not in outcome.text, outcome.text
     assert len(chunks.ids) == outcome.completion_tokens
+    assert Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).decode(chunks.ids) == outcome.text
     assert outcome.prompt_tokens > 0 and outcome.finish_reason in ("eos", "length")
     assert outcome.memory.weight_bytes > 0 and outcome.memory.peak_bytes > 0
 

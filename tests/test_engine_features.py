@@ -31,8 +31,8 @@ def test_chunks_concatenate_to_the_final_text_with_non_ascii(client: httpx.Clien
 
 def test_stop_string_spanning_tokens_ends_generation_and_is_left_out(client: httpx.Client) -> None:
     unstopped, _ = poll_until_finished(client, submit(client, prompt=JAPANESE, temperature=0, max_new_tokens=24))
-    stop = "the Japanese character"
-    assert stop in unstopped.text, unstopped.text
+    stop = " ".join(unstopped.text.split()[4:7])  # three words of this engine's answer: several tokens
+    assert len(stop) > 8, unstopped.text
     final, seen = poll_until_finished(
         client, submit(client, prompt=JAPANESE, temperature=0, max_new_tokens=24, stop=[stop])
     )

@@ -362,7 +362,7 @@ def serving_replica(replicas: Replicas) -> int:
 def test_a_stream_resumes_on_the_other_replica_when_its_own_is_killed(
     client: httpx.Client, replicas: Replicas
 ) -> None:
-    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=96)
+    task_id = submit(client, prompt=STORY, temperature=0, max_new_tokens=1000)  # still running when it is killed
     before: list[ServerSentEvent] = []
     killed = None
     try:

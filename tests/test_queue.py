@@ -10,9 +10,10 @@ from devstack.processes import ROOT
 from run_client import in_line
 from tests.helpers import poll_until, poll_until_finished, submit
 
-LONG = {"prompt": "Write a long story about a lighthouse keeper.", "temperature": 0, "max_new_tokens": 400}
+LONG = {"prompt": "Write a long story about a lighthouse keeper.", "temperature": 0, "max_new_tokens": 1000}
 SHORT = {"prompt": "Say hi.", "temperature": 0, "max_new_tokens": 4}
-MEDIUM = {"prompt": "Write a poem about the sea.", "temperature": 0, "max_new_tokens": 32}  # a few seconds each
+# A few seconds each on llama.cpp (about 80 tok/s here), long enough for the line to be seen moving.
+MEDIUM = {"prompt": "Write a long story about a dragon who wanted to be a baker.", "temperature": 0, "max_new_tokens": 256}
 
 
 def view(client: httpx.Client, task_id: str) -> TaskView:

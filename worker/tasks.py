@@ -68,8 +68,15 @@ def _stop_worker() -> None:
 
 @worker_init.connect
 def _load_model_at_start(**_: object) -> None:
-    """Load before consuming (the threads pool shares this process), so no task pays for it."""
-    generate.runtime  # noqa: B018
+    """Load before consuming (the threads pool shares this process), so no task pays for it. A
+    worker whose engine cannot start exits (Celery only logs what a signal handler raises, and
+    would go on to take tasks it cannot run), so that its supervisor sees it and says why."""
+    try:
+        generate.runtime  # noqa: B018
+    except Exception:
+        log.critical("the engine did not start; this worker exits", exc_info=True)
+        logging.shutdown()
+        os._exit(1)
 
 
 @worker_ready.connect
