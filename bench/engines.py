@@ -23,7 +23,6 @@ serving processes (ours: the worker and its engine server child), sampled during
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from devstack.processes import Stack, wait_healthy
 from model_loader.engine_server import EngineServer
 from model_loader.llamacpp import llama_server_command
 from model_loader.source import model_dir
+from model_loader.vllm import kv_cache_bytes, vllm_device
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Distinct prompts that draw long answers, so greedy streams run to the token budget (mostly).
@@ -304,15 +304,18 @@ def own_server(name: str, command: Callable[[int], list[str]], start_timeout_s: 
 
 
 def vllm_command(settings: Settings, slots: int) -> Callable[[int], list[str]]:
-    """`vllm serve` on the converted folder; fp32 on the CPU unless VLLM_ARGS names a dtype."""
+    """`vllm serve` on the converted folder, with the KV cache our worker gives it (vLLM's default, a share
+    of all memory, does not fit beside the rest here); fp32 on the CPU unless VLLM_ARGS names a dtype."""
     folder = model_dir(settings)
     extra = shlex.split(settings.vllm_args)
     dtype = [] if "--dtype" in extra else ["--dtype", "float32"]
+    kv_bytes = kv_cache_bytes(settings, folder, vllm_device(settings))
 
     def command(port: int) -> list[str]:
         return [
             str(settings.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(slots), *dtype, *extra,
+            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(slots),
+            "--kv-cache-memory-bytes", str(kv_bytes), *dtype, *extra,
         ]
 
     return command
@@ -342,8 +345,7 @@ def systems(engines: list[str], transformers_slots: list[int], settings: Setting
             if not settings.vllm_python.is_file():
                 print(f"skipping vllm: no vLLM environment at {settings.vllm_python} (`make vllm`)", file=sys.stderr)
                 continue
-            if importlib.util.find_spec("model_loader.vllm") is not None:
-                chosen.append(System("ours-vllm", "ours: vllm, 8 slots", lambda: our_stack("vllm", 8, logs, timeout)))
+            chosen.append(System("ours-vllm", "ours: vllm, 8 slots", lambda: our_stack("vllm", 8, logs, timeout)))
             chosen.append(System("vllm-serve", "vllm serve, 8 seqs",
                                  lambda: own_server("bench-vllm", vllm_command(settings, 8), timeout,
                                                     vllm_env(settings))))

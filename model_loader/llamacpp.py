@@ -61,12 +61,18 @@ def llama_server_binary(settings: Settings) -> Path:
 
 
 def llama_server_command(settings: Settings, slots: int, port: int) -> list[str]:
-    """How a worker starts its llama-server (and `bench/engines.py` the same server on its own)."""
+    """How a worker starts its llama-server (and `bench/engines.py` the same server on its own).
+
+    The worker, the API and Redis share the cores with it, so its threads sleep between steps
+    (`--poll 0`) rather than spin: a spinning thread preempted mid-step stalls the others (8
+    streams here: about 125 tok/s spinning, 155 to 170 not). A higher priority (`--prio`) gained
+    a little more, but then a first token now and then waited 0.9 s.
+    """
     threads = settings.engine_threads or os.cpu_count() or 1
     return [
         str(llama_server_binary(settings)), "--model", str(gguf_path(settings)), "--host", "127.0.0.1",
         "--port", str(port), "--parallel", str(slots), "--kv-unified", "--ctx-size", str(settings.kv_cache_tokens),
-        "--threads", str(threads), "--threads-batch", str(threads), "--no-webui", "--log-disable",
+        "--threads", str(threads), "--threads-batch", str(threads), "--poll", "0", "--no-webui", "--log-disable",
         *shlex.split(settings.llama_server_args),
     ]
 

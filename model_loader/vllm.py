@@ -157,13 +157,12 @@ class VllmEngine:
         self.server.stop()
 
     def _command(self, port: int) -> list[str]:
-        dtype, dtype_bytes = DTYPES[self._device]
-        kv_tokens = (-(-self._settings.kv_cache_tokens // KV_UNIT_TOKENS) + 1) * KV_UNIT_TOKENS
+        dtype, _ = DTYPES[self._device]
         return [
             str(self._python), "-c", LAUNCHER, SERVER_MODULE, "--model", str(self._folder),
             "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--max-num-seqs", str(self.capabilities.slots), "--max-model-len", str(self.capabilities.context_tokens),
-            "--kv-cache-memory-bytes", str(kv_tokens * _kv_bytes_per_token(self._folder, dtype_bytes)),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes(self._settings, self._folder, self._device)),
             "--generation-config", "vllm",  # unset sampling options mean vLLM's neutral defaults, not the model's
             "--disable-uvicorn-access-log",
             *shlex.split(self._settings.vllm_args),
@@ -269,6 +268,13 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int, eos_ids: 
     if params.seed is not None:
         body["seed"] = params.seed
     return body
+
+
+def kv_cache_bytes(settings: Settings, folder: Path, device: str) -> int:
+    """vLLM's KV cache for KV_CACHE_TOKENS, in whole units (and the one block vLLM keeps back); also what
+    `bench/engines.py` gives vLLM's own server, whose default (a share of all memory) may not fit."""
+    tokens = (-(-settings.kv_cache_tokens // KV_UNIT_TOKENS) + 1) * KV_UNIT_TOKENS
+    return tokens * _kv_bytes_per_token(folder, DTYPES[device][1])
 
 
 def _kv_bytes_per_token(folder: Path, dtype_bytes: int) -> int:
