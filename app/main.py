@@ -20,7 +20,7 @@ from app.openai.app import create_openai_app, share_services
 from app.llamacpp import routes as llamacpp
 from app.metrics import CountRejections
 from app.routes import generate, health, metrics, page, tasks
-from app.security import authenticate
+from app.security import KeyBeforeBody, authenticate
 from core.protocol import ErrorBody
 from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
@@ -102,8 +102,10 @@ UNAUTHORIZED: dict[int | str, dict[str, object]] = {
 
 def create_app(settings: Settings) -> FastAPI:
     """Every route but /health, /metrics (and the OpenAPI docs) checks the API key, when keys are set."""
-    app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False)
+    hidden = {} if settings.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False, **hidden)
     errors.install(app)
+    app.add_middleware(KeyBeforeBody)  # inside BodyLimit: a keyless body is a 401 before any 413 or 422
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(CountRejections)  # outside BodyLimit, so its 413s are counted too
     app.add_middleware(OptionalTrailingSlash)
@@ -119,7 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(page.router)  # the chat page: no key, like /health; it sends the key itself
-    openai_app = create_openai_app()
+    openai_app = create_openai_app(settings.public_docs)
     app.mount("/v1", openai_app)
     app.state.families = [openai_app]
     return app

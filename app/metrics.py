@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import Services
 from app.limits import queued_tasks
+from app.security import holds_a_key
 from core import metrics
 from core.heartbeats import Heartbeats
 from core.store import LEASES_KEY
@@ -93,7 +94,8 @@ def _cumulative(histogram: metrics.Histogram, counts: dict[str, float]) -> list[
 
 
 class CountRejections:
-    """ASGI middleware: each 400, 413, 422 and 429 the API answers adds one to the fleet's count."""
+    """ASGI middleware: each 400, 413, 422 and 429 the API answers a caller with a valid key (any
+    caller, on an open server) adds one to the fleet's count."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -103,8 +105,10 @@ class CountRejections:
             await self.app(scope, receive, send)
             return
 
+        counted = holds_a_key(scope)
+
         async def counting(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in REJECTIONS:
+            if counted and message["type"] == "http.response.start" and message["status"] in REJECTIONS:
                 await _count(scope, message["status"])
             await send(message)
 

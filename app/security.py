@@ -13,6 +13,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
@@ -49,6 +51,36 @@ def may_read_details(
 
 
 MayReadDetails = Annotated[bool, Depends(may_read_details)]
+
+
+def holds_a_key(scope: Scope) -> bool:
+    """Whether a request carries one of the server's keys (always, on an open server): only such
+    callers' refusals are counted, so that a stranger cannot move the fleet's figures."""
+    keys = scope["app"].state.services.settings.accepted_api_keys
+    scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+    return not keys or (scheme.lower() == "bearer" and bool(key) and _known(owner_tag(key.strip()), keys))
+
+
+class KeyBeforeBody:
+    """ASGI middleware: on a keyed server, a request without a valid key is refused (401) at the
+    first read of its body, before anything parses it; so a keyless caller gets 401 whatever it
+    sends, never a 422 about its JSON. Routes without a body check the key as a dependency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        allowed = holds_a_key(scope)  # here, while scope["app"] is still this app and not a mounted one
+
+        async def gated() -> Message:
+            if not allowed:
+                raise _unauthorized("this server needs a valid API key: send 'Authorization: Bearer <key>'")
+            return await receive()
+
+        await self.app(scope, gated, send)
 
 
 def _known(tag: str, keys: list[str]) -> bool:

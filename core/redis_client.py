@@ -35,7 +35,7 @@ RETRY_INTERVAL_S = 0.5
 REPLICA_WAIT_MS = 1000
 # The key the API writes just before that wait (see `replicated`).
 REPLICATION_MARK_KEY = "tasks:replication_mark"
-# What a client sends to the Sentinels themselves (ours need no password).
+# What a client sends to the Sentinels themselves, beside their password (`sentinel_options`).
 SENTINEL_OPTIONS: dict[str, object] = {
     "socket_timeout": SOCKET_TIMEOUT_S,
     "socket_connect_timeout": CONNECT_TIMEOUT_S,
@@ -93,7 +93,7 @@ def connect(settings: Settings, retry_s: float = 0) -> redis.Redis:
     }
     if not settings.sentinel_addresses:
         return redis.Redis.from_url(settings.redis_url, **options)
-    sentinels = redis.sentinel.Sentinel(settings.sentinel_addresses, sentinel_kwargs=SENTINEL_OPTIONS)
+    sentinels = redis.sentinel.Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_options(settings))
     return sentinels.master_for(settings.redis_sentinel_master, **options | _primary_options(settings.redis_url))
 
 
@@ -111,8 +111,15 @@ def connect_async(settings: Settings, longest_block_s: float) -> redis.asyncio.R
     }
     if not settings.sentinel_addresses:
         return redis.asyncio.Redis.from_url(settings.redis_url, **options)
-    sentinels = redis.asyncio.sentinel.Sentinel(settings.sentinel_addresses, sentinel_kwargs=SENTINEL_OPTIONS)
+    sentinels = redis.asyncio.sentinel.Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_options(settings))
     return sentinels.master_for(settings.redis_sentinel_master, **options | _primary_options(settings.redis_url))
+
+
+def sentinel_options(settings: Settings) -> dict[str, object]:
+    """How to talk to the Sentinels: they answer anyone who reaches them where the primary is, and
+    take commands that move it, so they ask for a password of their own."""
+    password = settings.redis_sentinel_password.get_secret_value()
+    return SENTINEL_OPTIONS | ({"password": password} if password else {})
 
 
 def _primary_options(url: str) -> dict[str, object]:
@@ -161,8 +168,7 @@ def broker_url(settings: Settings) -> str:
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
     """The same defences for kombu's connections (its BRPOP waits 1 s, well inside the socket
-    timeout), and with Sentinels, the primary's name. kombu sends the Sentinels only these socket
-    options (no password: ours need none)."""
+    timeout), and with Sentinels, the primary's name and what to send the Sentinels themselves."""
     options: dict[str, object] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
@@ -171,4 +177,5 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
     }
     if settings.sentinel_addresses:
         options["master_name"] = settings.redis_sentinel_master
+        options["sentinel_kwargs"] = sentinel_options(settings)
     return options

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         "", description="Comma-separated host:port of Redis Sentinels; empty means REDIS_URL's server is the one Redis."
     )
     redis_sentinel_master: str = Field("mymaster", description="The name the Sentinels know the primary by.")
+    redis_sentinel_password: SecretStr = Field(
+        SecretStr(""), description="The Sentinels' own password (their requirepass); empty sends none."
+    )
     redis_min_replicas: int = Field(
         0, ge=0, description="Replicas that must hold a new task before the API answers 202; 0 waits for none."
     )
@@ -94,6 +97,10 @@ class Settings(BaseSettings):
         8.0, ge=1, description="A running task's lease: another worker takes it over once this passes unrenewed."
     )
     lease_renew_s: float = Field(2.0, gt=0, description="How often a worker renews the leases of its tasks.")
+    generation_stall_s: float = Field(
+        120.0, gt=0, description="A generation with no new token for this long (an engine stuck in one step) "
+        "stops being renewed, and another worker takes the task over."
+    )
 
     @model_validator(mode="after")
     def _renewed_within_the_lease(self) -> "Settings":
@@ -122,6 +129,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Most messages one request may hold; more answers 422.")
     api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated keys the API accepts; empty means open.")
     api_key: SecretStr | None = Field(None, description="The key run_client.py sends.")
+    public_docs: bool = Field(True, description="Serve the OpenAPI docs (/docs, /openapi.json) to anyone.")
     cors_origins: str = Field("", description="Comma-separated origins browsers may call from; empty means none.")
     allow_open_api: bool = Field(
         False, description="Let the API listen beyond loopback with no API_KEYS; without it, it refuses to start."

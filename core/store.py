@@ -34,6 +34,8 @@ from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
 START_CURSOR = "0-0"
 LEASES_KEY = "tasks:leases"
+# How long a reclaimer has to send a lapsed task on before another may reclaim it again.
+RESEND_AFTER_MS = 30_000
 # The tasks whose message waits in the queue, in the order they were sent: a task's rank here is
 # its place among the new tasks (tasks taken over from a worker go ahead of them all).
 QUEUED_KEY = "tasks:queued"
@@ -131,25 +133,40 @@ return lost
 """
 
 # KEYS: record, leases. ARGV: task id, attempt ('' for whoever holds it, once its lease has lapsed),
-# whether to count it as a clean hand back (1) or not (0). Lets go of a running task: nobody holds
-# it, so the next delivery starts it. Returns the stored request (to send that delivery), or false
-# when there is nothing to let go of (another attempt holds it, it ended, or its lease is live).
+# whether to count it as a clean hand back (1) or not (0), and for a lapsed lease how long its
+# reclaimer has to send it on (ms). Lets go of a running task: nobody holds it, so the next
+# delivery starts it. Returns the stored request (to send that delivery), or false when there is
+# nothing to let go of (another attempt holds it, it ended, or its lease is live). A lapsed task
+# keeps a lease entry until its reclaimer says it sent it on (`_SENT_ON_LUA`): a reclaimer that
+# dies in between leaves it to lapse again, to be reclaimed again, never stranded.
 _RELEASE_LUA = _NOW_MS + """
 local holder = redis.call('HGET', KEYS[1], 'holder')
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' or not holder or holder == '0' then
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or not holder then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return false
 end
 if ARGV[2] == '' then
   local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  if deadline and tonumber(deadline) > now_ms then return false end
-elseif holder ~= ARGV[2] then
+  if not deadline or tonumber(deadline) > now_ms then return false end
+  redis.call('HSET', KEYS[1], 'holder', '0')
+  redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[4]), ARGV[1])
+  return redis.call('HGET', KEYS[1], 'request') or false
+end
+if holder ~= ARGV[2] then
+  if holder == '0' then redis.call('ZREM', KEYS[2], ARGV[1]) end
   return false
 end
 redis.call('HSET', KEYS[1], 'holder', '0')
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'handed_back', 1) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HGET', KEYS[1], 'request') or false
+"""
+
+# KEYS: record, leases. ARGV: task id. A reclaimed task was sent on: its lease entry, kept until
+# then in case the reclaimer died first, goes, unless an attempt has started and holds it.
+_SENT_ON_LUA = """
+if redis.call('HGET', KEYS[1], 'holder') == '0' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 0
 """
 
 # KEYS: record, queued. ARGV: task id. Takes the expiry off a record that is still queued (one a
@@ -230,6 +247,7 @@ class TaskStore:
         self._append_script = client.register_script(APPEND_LUA)
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
+        self._sent_on_script = client.register_script(_SENT_ON_LUA)
         self._hold_script = client.register_script(_HOLD_LUA)
         self._view_script = client.register_script(_VIEW_LUA)
 
@@ -331,11 +349,16 @@ class TaskStore:
         so that restarting workers never uses up a task's MAX_ATTEMPTS."""
         return self._release(task_id, str(attempt), clean)
 
-    def reclaim_lapsed(self, task_id: str) -> str | None:
+    def reclaim_lapsed(self, task_id: str, send_within_ms: int = RESEND_AFTER_MS) -> str | None:
         """Take the task from a holder whose lease has lapsed (dead, frozen or cut off), so that
-        another worker runs it: returns its request, to send again; None if its lease is live again,
-        or someone else reclaimed it first."""
-        return self._release(task_id, "", clean=False)
+        another worker runs it: returns its request, to send again, and call `sent_on` once sent;
+        None if its lease is live again, or someone else reclaimed it first. Not sent on within
+        `send_within_ms` (its reclaimer died), it lapses again."""
+        return self._release(task_id, "", clean=False, send_within_ms=send_within_ms)
+
+    def sent_on(self, task_id: str) -> None:
+        """The reclaimed task was sent on: stop watching its lease (unless an attempt holds it already)."""
+        self._eval(self._sent_on_script, [record_key(task_id), LEASES_KEY], [task_id])
 
     def lapsed(self, limit: int = 16) -> list[str]:
         """Tasks whose lease deadline has passed on Redis's clock, the longest lapsed first."""
@@ -427,8 +450,9 @@ class TaskStore:
         entries = [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in raw_entries]
         return _to_view(task_id, record, entries, after)
 
-    def _release(self, task_id: str, attempt: str, clean: bool) -> str | None:
-        found = self._eval(self._release_script, [record_key(task_id), LEASES_KEY], [task_id, attempt, int(clean)])
+    def _release(self, task_id: str, attempt: str, clean: bool, send_within_ms: int = 0) -> str | None:
+        keys = [record_key(task_id), LEASES_KEY]
+        found = self._eval(self._release_script, keys, [task_id, attempt, int(clean), send_within_ms])
         return found.decode() if found else None
 
     def _transition(

@@ -29,20 +29,15 @@ from model_loader.contract import (
     EngineMemory,
     EngineRestarted,
     FlushPolicy,
-    Interruption,
-    OnChunk,
-    Outcome,
-    Resume,
     SamplingParams,
-    never,
 )
 from model_loader.engine_server import EngineServer
+from model_loader.served import ServedEngine
 from model_loader.sink import TokenSink
 from model_loader.source import gguf_path, model_name, tokenizer_dir
-from model_loader.streaming import TextStream
 from model_loader.token_bytes import HeldTokens
 from prompts import context_window
-from prompts.tokens import special_token_id, tokenizer_config
+from prompts.tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +72,7 @@ def llama_server_command(settings: Settings, slots: int, port: int) -> list[str]
     ]
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(ServedEngine):
     def __init__(self, settings: Settings, flush: FlushPolicy) -> None:
         folder = tokenizer_dir(settings)
         self.name = model_name(settings)
@@ -86,7 +81,7 @@ class LlamaCppEngine:
         llama_server_binary(settings)  # before anything starts: say what is missing and how to make it
         self._settings = settings
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self._eos_ids = _eos_ids(folder, self._tokenizer)
+        self._eos_ids = eos_token_ids(folder, self._tokenizer)
         self._held = HeldTokens(self._tokenizer)
         context = settings.usable_context(context_window(folder, settings.context_window))
         self.capabilities = Capabilities(
@@ -97,29 +92,6 @@ class LlamaCppEngine:
         )
         self.server.start()
         self._client = httpx.Client(base_url=self.server.url, timeout=httpx.Timeout(None, connect=5))
-
-    @property
-    def ready(self) -> bool:
-        return self.server.alive
-
-    def generate(
-        self,
-        input_ids: list[int],
-        params: SamplingParams,
-        on_chunk: OnChunk,
-        interruption: Interruption = never,
-        resume: Resume = Resume(),
-    ) -> Outcome:
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        sink.resume(resume)
-        if left := sink.tokens_left(params, self._eos_ids):
-            self._stream(input_ids + resume.token_ids, params, left, sink)
-        sink.close()
-        return sink.outcome(len(input_ids), self._eos_ids, self._memory())
-
-    def close(self) -> None:
-        self._client.close()
-        self.server.stop()
 
     def _command(self, port: int) -> list[str]:
         return llama_server_command(self._settings, self._settings.worker_slots, port)
@@ -214,15 +186,3 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int) -> dict[s
     if params.seed is not None:
         body["seed"] = params.seed % SEED_MODULUS
     return body
-
-
-def _eos_ids(folder: Path, tokenizer: Tokenizer) -> list[int]:
-    """config.json's eos_token_id (one or several) and tokenizer_config.json's eos_token."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    found = config.get("eos_token_id")
-    ids = list(found) if isinstance(found, list) else [found] if isinstance(found, int) else []
-    try:
-        ids.append(special_token_id(tokenizer, tokenizer_config(folder), "eos_token"))
-    except ValueError:
-        pass
-    return sorted(set(ids))

@@ -36,19 +36,14 @@ from model_loader.contract import (
     EngineMemory,
     EngineRestarted,
     FlushPolicy,
-    Interruption,
-    OnChunk,
-    Outcome,
-    Resume,
     SamplingParams,
-    never,
 )
 from model_loader.engine_server import EngineServer
+from model_loader.served import ServedEngine
 from model_loader.sink import TokenSink
 from model_loader.source import model_dir, model_name
-from model_loader.streaming import TextStream
 from prompts import context_window
-from prompts.tokens import special_token_id, tokenizer_config
+from prompts.tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +101,7 @@ def check_quantization(quantization: str) -> None:
         )
 
 
-class VllmEngine:
+class VllmEngine(ServedEngine):
     def __init__(self, settings: Settings, flush: FlushPolicy) -> None:
         check_quantization(settings.quantization)
         self._python = vllm_python(settings)
@@ -116,7 +111,7 @@ class VllmEngine:
         self.name = model_name(settings)
         self.flush = flush
         self._tokenizer = Tokenizer.from_file(str(self._folder / "tokenizer.json"))
-        self._eos_ids = _eos_ids(self._folder, self._tokenizer)
+        self._eos_ids = eos_token_ids(self._folder, self._tokenizer)
         self._weight_bytes = sum(f.stat().st_size for f in self._folder.glob("*.safetensors"))
         context = settings.usable_context(context_window(self._folder, settings.context_window))
         self.capabilities = Capabilities(
@@ -132,29 +127,6 @@ class VllmEngine:
         self.server.start()
         self._client = httpx.Client(timeout=httpx.Timeout(None, connect=5))
         self._kv_cache_tokens = self._reserved_kv_tokens()
-
-    @property
-    def ready(self) -> bool:
-        return self.server.alive
-
-    def generate(
-        self,
-        input_ids: list[int],
-        params: SamplingParams,
-        on_chunk: OnChunk,
-        interruption: Interruption = never,
-        resume: Resume = Resume(),
-    ) -> Outcome:
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        sink.resume(resume)
-        if left := sink.tokens_left(params, self._eos_ids):
-            self._stream(input_ids + resume.token_ids, params, left, sink)
-        sink.close()
-        return sink.outcome(len(input_ids), self._eos_ids, self._memory())
-
-    def close(self) -> None:
-        self._client.close()
-        self.server.stop()
 
     def _command(self, port: int) -> list[str]:
         dtype, _ = DTYPES[self._device]
@@ -299,17 +271,3 @@ def _tree_rss(pid: int) -> int | None:
         except psutil.Error:
             pass  # a helper that ended meanwhile
     return total
-
-
-def _eos_ids(folder: Path, tokenizer: Tokenizer) -> list[int]:
-    """config.json's and generation_config.json's eos_token_id (one or several), tokenizer_config.json's eos_token."""
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        path = folder / name
-        found = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.exists() else None
-        ids += found if isinstance(found, list) else [found] if isinstance(found, int) else []
-    try:
-        ids.append(special_token_id(tokenizer, tokenizer_config(folder), "eos_token"))
-    except ValueError:
-        pass
-    return sorted(set(ids))

@@ -68,3 +68,19 @@ def encode_raw(tokenizer: Tokenizer, text: str) -> list[int]:
     """A raw prompt's ids as the model's tokenizer gives them (BOS added where its post-processor
     adds one), with any control token's text in it kept as text."""
     return tokenizer.encode(text, add_special_tokens=True).ids
+
+
+def eos_token_ids(model_dir: Path, tokenizer: Tokenizer) -> list[int]:
+    """Every end-of-sequence id a model folder names: config.json's and generation_config.json's
+    `eos_token_id` (one or several) and tokenizer_config.json's `eos_token`. The engine servers end
+    an answer at these, and the worker counts an answer ended there."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        found = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.exists() else None
+        ids += found if isinstance(found, list) else [found] if isinstance(found, int) else []
+    try:
+        ids.append(special_token_id(tokenizer, tokenizer_config(model_dir), "eos_token"))
+    except ValueError:
+        pass
+    return sorted(set(ids))

@@ -100,3 +100,89 @@ def test_tokenize_counts_with_the_tokenizer_read_out_of_the_gguf(api: TestClient
     tokens = api.post("/tokenize", json={"content": "The capital of France is Paris."}).json()["tokens"]
     detokenized = api.post("/detokenize", json={"tokens": tokens}).json()["content"]
     assert len(tokens) > 3 and detokenized.strip() == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("metadata", {"note": "x" * 1_000_000}, "metadata.note"),
+        ("metadata", {"k" * 65: "v"}, "metadata"),
+        ("metadata", {f"k{i}": "v" for i in range(17)}, "metadata"),
+        ("user", "u" * 257, "user"),
+    ],
+)
+def test_what_a_response_keeps_for_a_day_is_bounded_as_openais(
+    api: TestClient, heartbeats: Heartbeats, field: str, value: object, param: str
+) -> None:
+    """A record lives a day: unbounded metadata would let one caller fill Redis for everyone."""
+    beat(heartbeats, "w1@host")
+    body = {"model": "SmolLM2-135M-Instruct", "input": "hi", field: value}
+    refused = api.post("/v1/responses", json=body)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"].startswith(param) and error["type"] == "invalid_request_error"
+    assert len(refused.content) < 2000  # the reply does not echo the megabyte back
+
+
+@pytest.fixture(scope="module")
+def keyed_api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
+    from app.main import create_app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("REDIS_URL", redis_url)
+        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
+        env.setenv("API_KEYS", "the-key")
+        get_settings.cache_clear()
+        with TestClient(create_app(get_settings())) as client:
+            yield client
+        get_settings.cache_clear()
+
+
+def rejections(client: TestClient) -> float:
+    lines = client.get("/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("queued_llama_request_rejected_total{"))
+
+
+@pytest.mark.parametrize(
+    ("path", "error_of"),
+    [("/generate", lambda b: b["detail"]), ("/v1/chat/completions", lambda b: b["error"]["message"]),
+     ("/completion", lambda b: b["error"]["message"]), ("/tokenize", lambda b: b["error"]["message"])],
+)
+@pytest.mark.parametrize("body", [b"{", b'{"prompt": 3}', b"x" * 5000])
+def test_a_keyless_call_is_a_401_whatever_its_body_and_moves_no_counter(
+    keyed_api: TestClient, path: str, error_of: object, body: bytes
+) -> None:
+    before = rejections(keyed_api)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = keyed_api.post(path, content=body, headers={"Content-Type": "application/json", **headers})
+        assert refused.status_code == 401, refused.text
+        assert "API key" in error_of(refused.json())  # type: ignore[operator]
+    assert rejections(keyed_api) == before
+
+
+def test_a_keyed_callers_bad_body_is_still_named_and_counted(keyed_api: TestClient) -> None:
+    before = rejections(keyed_api)
+    refused = keyed_api.post("/generate", content=b"{", headers={"Authorization": "Bearer the-key"})
+    assert refused.status_code == 422
+    assert rejections(keyed_api) == before + 1
+
+
+def test_tokenize_is_bounded_by_the_prompt_limit(api: TestClient) -> None:
+    limit = get_settings().max_prompt_chars
+    refused = api.post("/tokenize", json={"content": "a" * (limit + 1)})
+    assert refused.status_code == 400 and "content" in refused.json()["error"]["message"]
+    assert api.post("/tokenize", json={"content": "Hello"}).json()["tokens"]
+
+
+def test_the_docs_are_served_only_where_the_operator_says(redis_url: str, tokenizer_dir: Path) -> None:
+    from app.main import create_app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("REDIS_URL", redis_url)
+        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
+        env.setenv("PUBLIC_DOCS", "false")
+        get_settings.cache_clear()
+        with TestClient(create_app(get_settings())) as client:
+            for path in ("/docs", "/openapi.json", "/v1/docs", "/v1/openapi.json"):
+                assert client.get(path).status_code == 404, path
+        get_settings.cache_clear()

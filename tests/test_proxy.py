@@ -13,11 +13,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,3 +400,43 @@ def test_a_stream_resumes_on_the_other_replica_when_its_own_is_killed(
     ids = [tuple(int(part) for part in e.id.split("-")) for e in chunks]
     assert ids == sorted(set(ids)), "a chunk repeated or out of order"
     assert "".join(e.json()["text"] for e in chunks) == final.text
+
+
+def test_metrics_are_not_served_through_the_proxy(proxy: Proxy, replicas: Replicas) -> None:
+    """Prometheus scrapes each replica directly; the proxy, which faces clients, does not pass /metrics on."""
+    through = httpx.get(f"{proxy.url}/metrics", timeout=30)
+    assert through.status_code == 404 and through.json() == {"detail": "not found"}
+    assert httpx.get(f"{replicas.url(0)}/metrics", timeout=30).status_code == 200
+
+
+def test_one_address_holds_a_bounded_number_of_requests_at_once(proxy: Proxy) -> None:
+    """64 requests held open (bodies announced, never sent) from one address; the 65th is nginx's 429,
+    in JSON with Retry-After; once they close, the address is served again."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(64):
+            connection = socket.create_connection((host, int(port)), timeout=10)
+            connection.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100\r\n\r\n")
+            held.append(connection)
+        refused = wait_for(lambda: httpx.get(f"{proxy.url}/health", timeout=10), lambda r: r.status_code == 429)
+        assert refused.json()["detail"].startswith("too many requests at once") and refused.headers["retry-after"] == "1"
+    finally:
+        for connection in held:
+            connection.close()
+    wait_for(lambda: httpx.get(f"{proxy.url}/health", timeout=10), lambda r: r.status_code != 429)
+
+
+def wait_for(call: Callable[[], httpx.Response], done: Callable[[httpx.Response], bool]) -> httpx.Response:
+    """nginx counts a held request once it has read its header: the last few may lag the send."""
+    last: httpx.Response | None = None
+
+    def answered() -> bool:
+        nonlocal last
+        last = call()
+        return done(last)
+
+    wait_until(answered, 10, "nginx to count the held requests", interval_s=0.2)
+    assert last is not None
+    return last

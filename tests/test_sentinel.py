@@ -29,6 +29,7 @@ from devstack.redis_server import answers, redis_binary
 from tests.helpers import poll_until_finished, submit
 
 MASTER = "mymaster"
+SENTINEL_PASSWORD = "sentinel-secret"  # the Sentinels ask for one (compose: REDIS_PASSWORD)
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000  # a Sentinel whose vote failed tries again after twice this
 # From the primary's SIGKILL to POST /generate answering 202 again: down-after (1 s), the Sentinels'
@@ -70,7 +71,7 @@ class Ha:
     def start_sentinel(self, port: int) -> None:
         config = self.folder / f"sentinel-{port}.conf"  # Sentinel rewrites it: it must be writable
         config.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {self.folder}\n"
+            f"port {port}\nbind 127.0.0.1\ndir {self.folder}\nrequirepass {SENTINEL_PASSWORD}\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {self.primary_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n"
@@ -80,7 +81,7 @@ class Ha:
                                                stderr=subprocess.STDOUT))
 
     def sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2, password=SENTINEL_PASSWORD)
 
     def named_primary(self) -> set[int]:
         """The primary's port as each Sentinel names it."""
@@ -137,6 +138,7 @@ def apis(ha: Ha, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there: the Sentinels name the primary
         "REDIS_SENTINELS": ha.sentinels_setting,
         "REDIS_SENTINEL_MASTER": MASTER,
+        "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
         "QUANTIZATION": "none",
     }
     ports = free_port(), free_port()

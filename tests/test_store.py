@@ -110,3 +110,32 @@ def test_an_ended_task_holds_no_lease(store: TaskStore, client: redis.Redis) -> 
     task_id = new_task(store)
     store.fail(task_id, "no", store.start(task_id, "a", "{}").attempt)
     assert client.zscore("tasks:leases", task_id) is None and client.hget(f"task:{task_id}", "request") is None
+
+
+def test_a_reclaimer_that_dies_before_sending_the_task_on_leaves_it_to_be_reclaimed_again(
+    store: TaskStore,
+) -> None:
+    task_id = new_task(store)
+    first = store.start(task_id, "a", '{"prompt": "hi"}')
+    lapse(store, task_id)
+    assert store.reclaim_lapsed(task_id, send_within_ms=200) == '{"prompt": "hi"}'
+    assert store.reclaim_lapsed(task_id) is None, "reclaimed again while its reclaimer may still send it"
+    # That reclaimer died here, before sending: the task lapses again and another takes it.
+    lapse(store, task_id)
+    assert store.reclaim_lapsed(task_id) == '{"prompt": "hi"}'
+    store.sent_on(task_id)
+    assert task_id not in store.lapsed(limit=10_000), "a task sent on is still watched"
+    second = store.start(task_id, "b", '{"prompt": "hi"}')
+    assert second.attempt == first.attempt + 1
+
+
+def test_a_task_started_before_its_reclaimer_confirms_keeps_its_new_lease(store: TaskStore) -> None:
+    task_id = new_task(store)
+    store.start(task_id, "a", "{}")
+    lapse(store, task_id)
+    assert store.reclaim_lapsed(task_id) == "{}"
+    second = store.start(task_id, "b", "{}")  # the message was taken at once
+    store.sent_on(task_id)
+    assert store.renew({task_id: second.attempt}) == [] and store.reclaim_lapsed(task_id) is None
+    lapse(store, task_id)  # its holder stops renewing: the lease it got at its start is watched still
+    assert store.reclaim_lapsed(task_id) == "{}"

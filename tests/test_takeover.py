@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import psutil
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,10 +29,18 @@ TAKEOVER_BOUND_S = 15  # the issue's goal: from a worker's death to another work
 PROMPT = "Write a long story about a lighthouse keeper."
 TOKENS = {"llamacpp": 1000, "transformers": 96, "vllm": 300}
 SETTINGS = {"vllm": {"KV_CACHE_TOKENS": "4096", "VLLM_ARGS": "--enforce-eager"}}
+STALL_S = 5  # GENERATION_STALL_S here: an engine step takes milliseconds
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(scope="module", params=list(TOKENS))
+def on(*engines: str) -> pytest.MarkDecorator:
+    """The engines a test runs on: a stack each, shared by the tests of that engine. The kill on every
+    engine (the issue's bound); the others where they test something of the engine's own, since a
+    vLLM worker takes half a minute to start."""
+    return pytest.mark.parametrize("engine", engines, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -43,7 +52,8 @@ def body(engine: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp(f"takeover-{engine}"), stack_env, QUANTIZATION="none", ENGINE=engine, **SETTINGS.get(engine, {}))
+    running = Stack(tmp_path_factory.mktemp(f"takeover-{engine}"), stack_env, QUANTIZATION="none", ENGINE=engine,
+                    GENERATION_STALL_S=str(STALL_S), **SETTINGS.get(engine, {}))
     running.start_redis()
     running.start_worker("first")
     running.start_worker("second")
@@ -109,6 +119,7 @@ def assert_one_answer(before: TaskView, seen: list[TaskView], final: TaskView, r
     assert final.usage == reference.usage and final.finish_reason == reference.finish_reason
 
 
+@on("llamacpp", "transformers", "vllm")
 def test_a_killed_worker_is_taken_over_within_the_bound_and_the_answer_goes_on(
     stack: Stack, client: httpx.Client, reference: TaskView, body: dict
 ) -> None:
@@ -124,6 +135,7 @@ def test_a_killed_worker_is_taken_over_within_the_bound_and_the_answer_goes_on(
     assert takeovers_counted(client) == takeovers + 1
 
 
+@on("llamacpp", "transformers")
 def test_a_frozen_worker_is_taken_over_and_its_late_writes_are_dropped(
     stack: Stack, client: httpx.Client, reference: TaskView, body: dict
 ) -> None:
@@ -145,6 +157,32 @@ def test_a_frozen_worker_is_taken_over_and_its_late_writes_are_dropped(
     assert attempts == sorted(attempts), "the frozen worker wrote after the takeover"
 
 
+@on("llamacpp", "vllm")  # transformers runs inside the worker: nothing to stop apart from it (the freeze)
+def test_a_worker_whose_engine_hangs_is_taken_over_and_its_late_writes_are_dropped(
+    stack: Stack, client: httpx.Client, reference: TaskView, body: dict
+) -> None:
+    """The worker lives and renews its leases, but its engine server is stopped (SIGSTOP) mid-answer:
+    a generation stuck inside one step. Its lease is no longer renewed, another worker goes on."""
+    task_id = submit(client, **body)
+    before = streaming(client, task_id)
+    stuck = holder(stack, before)
+    server = next(p for p in psutil.Process(stack.workers[stuck].pid).children()
+                  if "llama-server" in " ".join(p.cmdline()) or "vllm" in " ".join(p.cmdline()))
+    server.suspend()
+    try:
+        assert wait_for_attempt(stack, task_id, 2, timeout_s=60) < STALL_S + Settings().lease_s + TAKEOVER_BOUND_S
+    finally:
+        server.resume()
+    final, seen = poll_until_finished(client, task_id, after=before.cursor)
+    assert_one_answer(before, seen, final, reference)
+    log = stack.logs / f"{stuck}.log"
+    assert f"task {task_id}: no token for" in log.read_text()
+    entries = redis.Redis.from_url(stack.redis_url).xrange(chunks_key(task_id))
+    attempts = [int(fields[b"attempt"]) for _, fields in entries if b"attempt" in fields]
+    assert attempts == sorted(attempts), "the stuck worker wrote after the takeover"
+
+
+@on("llamacpp", "transformers")
 def test_a_stopped_worker_hands_its_task_back_at_once(
     stack: Stack, client: httpx.Client, reference: TaskView, body: dict
 ) -> None:
@@ -164,6 +202,7 @@ def test_a_stopped_worker_hands_its_task_back_at_once(
     assert redis.Redis.from_url(stack.redis_url).hget(f"task:{task_id}", "handed_back") == b"1"
 
 
+@on("llamacpp", "vllm")
 def test_a_response_stream_keeps_its_sequence_numbers_across_a_takeover(
     stack: Stack, client: httpx.Client, body: dict
 ) -> None:

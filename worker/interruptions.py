@@ -10,6 +10,7 @@ need no Redis at all.
 
 import threading
 import time
+from collections.abc import Callable
 
 from core.protocol import HANDED_BACK
 from core.store import TaskStore
@@ -26,9 +27,11 @@ class Interruptions:
         deadline: float,
         stopping: threading.Event,
         cancelled: threading.Event,
+        progress: Callable[[], None] = lambda: None,
     ) -> None:
         """`deadline` on the monotonic clock; `stopping` set when the worker is shutting down;
-        `cancelled` set when the task's cancel is announced."""
+        `cancelled` set when the task's cancel is announced; `progress` told at every token, so
+        that the lease of a generation stuck inside one step is left to lapse."""
         self._store = store
         self._cancelled = cancelled
         self._task_id = task_id
@@ -37,6 +40,7 @@ class Interruptions:
         self._stopping = stopping
         self._reason: str | None = None
         self._heard_at = time.monotonic()
+        self._progress = progress
 
     def publish(self, text: str, token_ids: list[int]) -> None:
         """The engine's `on_chunk`: append, and keep what the append said."""
@@ -46,6 +50,7 @@ class Interruptions:
     def __call__(self) -> str | None:
         """The engine's `interruption`: cancelled or superseded (from Redis), else handed back or timeout."""
         now = time.monotonic()
+        self._progress()
         if self._reason is None and self._cancelled.is_set():
             self._reason = "cancelled"
         if self._reason is None and now - self._heard_at >= CHECK_S:

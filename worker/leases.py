@@ -24,12 +24,15 @@ Send = Callable[[str, str], None]
 class Leases:
     """The leases one worker process holds, renewed on a daemon thread until `stop`."""
 
-    def __init__(self, store: TaskStore, renew_s: float, send: Send) -> None:
-        """`send(task_id, request)` queues the task again, ahead of new ones, with its stored request."""
+    def __init__(self, store: TaskStore, renew_s: float, send: Send, stall_s: float) -> None:
+        """`send(task_id, request)` queues the task again, ahead of new ones, with its stored request.
+        A task whose generation made no progress for `stall_s` is no longer renewed."""
         self._store = store
         self._renew_s = renew_s
         self._send = send
+        self._stall_s = stall_s
         self._held: dict[str, int] = {}
+        self._progress: dict[str, float] = {}  # when each held task's generation last moved
         self._unsent: dict[str, str] = {}  # reclaimed, but Redis refused the message: sent next tick
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -38,10 +41,18 @@ class Leases:
     def hold(self, task_id: str, attempt: int) -> None:
         with self._lock:
             self._held[task_id] = attempt
+            self._progress[task_id] = time.monotonic()
+
+    def alive(self, task_id: str) -> None:
+        """The task's generation moved (a token, or a check between steps). Called at every token,
+        so without the lock: a plain dict assignment is atomic, and only held tasks are tracked."""
+        if task_id in self._progress:
+            self._progress[task_id] = time.monotonic()
 
     def let_go(self, task_id: str) -> None:
         with self._lock:
             self._held.pop(task_id, None)
+            self._progress.pop(task_id, None)
 
     def hand_back(self, task_id: str, attempt: int, clean: bool) -> None:
         """Give a task this worker holds to the next free worker now, rather than when its lease
@@ -71,7 +82,17 @@ class Leases:
                 log.debug("leases not renewed or scanned", exc_info=True)
 
     def _renew(self) -> None:
+        """Renew what this worker holds, but not a generation stuck inside one step (a hung engine
+        would hold its task for good): its lease lapses, another worker takes the task over, and
+        whatever the stuck attempt writes later is fenced off."""
+        now = time.monotonic()
         with self._lock:
+            for task_id, moved in list(self._progress.items()):
+                if now - moved > self._stall_s:
+                    log.error("task %s: no token for %.0f s; its lease is left to lapse, for another worker to "
+                              "take over", task_id, now - moved)
+                    self._progress.pop(task_id, None)
+                    self._held.pop(task_id, None)
             held = dict(self._held)
         for task_id in self._store.renew(held):
             log.warning("task %s: another worker has taken it over; attempt %d stops", task_id, held[task_id])
@@ -90,3 +111,4 @@ class Leases:
         for task_id, request in list(self._unsent.items()):
             self._send(task_id, request)
             del self._unsent[task_id]
+            self._store.sent_on(task_id)

@@ -65,7 +65,7 @@ class WorkerRuntime:
             formatter=load_formatter(tokenizer_dir(settings), settings.prompt_format, engine.name),
             context_window=engine.capabilities.context_tokens,
             store=store,
-            leases=Leases(store, settings.lease_renew_s, send),
+            leases=Leases(store, settings.lease_renew_s, send, settings.generation_stall_s),
             cancels=CancelListener(store.redis),
         )
 
@@ -154,7 +154,8 @@ class WorkerRuntime:
         )
         deadline = time.monotonic() + self.settings.task_time_limit_s - (time.time() - started.first_started_at)
         cancelled = self.cancels.watch(task_id)
-        interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping, cancelled)
+        interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping, cancelled,
+                                      progress=lambda: self.leases.alive(task_id))
         return self.engine.generate(
             prompt.input_ids,
             params,

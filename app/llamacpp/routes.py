@@ -2,6 +2,8 @@
 
 import json
 from collections.abc import AsyncIterator
+
+import anyio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -47,8 +49,21 @@ async def completion(body: CompletionRequest, request: Request, services: Servic
     return JSONResponse(_result(view, body, services.settings).model_dump(), headers={"X-Task-Id": task_id})
 
 
+# Tokenizing is CPU work in the API process: a few at a time, on threads of their own, so that a
+# burst of large texts waits its turn instead of taking every thread the other routes run on.
+TOKENIZING = anyio.CapacityLimiter(2)
+
+
 @router.post("/tokenize", response_model=TokenizeResponse)
-def tokenize(body: TokenizeRequest, services: ServicesDep) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, services: ServicesDep) -> Response:
+    limit = services.settings.max_prompt_chars
+    if len(body.content) > limit:
+        return envelope(400, f"content: {len(body.content)} characters, above this server's limit of {limit}")
+    result = await anyio.to_thread.run_sync(_tokenize, body, services, limiter=TOKENIZING)
+    return JSONResponse(result.model_dump())
+
+
+def _tokenize(body: TokenizeRequest, services: Services) -> TokenizeResponse:
     ids = services.tokenizer.encode(body.content, add_special_tokens=body.add_special).ids
     if body.with_pieces:
         return TokenizeResponse(tokens=[Piece(id=i, piece=services.tokenizer.decode([i], skip_special_tokens=False))

@@ -11,8 +11,9 @@ from app.openai.routes import router
 from app.security import authenticate
 
 
-def create_openai_app() -> FastAPI:
-    app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False)
+def create_openai_app(docs: bool) -> FastAPI:
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False, **hidden)
     errors.install(app)
     errors_documented: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401)}
     for routes in (router, responses_router):

@@ -5,14 +5,18 @@ cannot honour (tools, reasoning, structured output, chaining) are declared so th
 refused by name rather than silently served differently.
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.openai.protocol import first_set
 from core.protocol import Text
 
+# OpenAI's own bounds: what a record keeps for a day is bounded per request.
 MAX_METADATA_KEYS = 16
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+MAX_USER_CHARS = 256
 
 
 class InputText(BaseModel):
@@ -76,9 +80,9 @@ class ResponseCreateRequest(Unsupported):
     stream: bool = False
     background: bool = False
     store: bool = True
-    metadata: dict[str, str] | None = Field(None, max_length=MAX_METADATA_KEYS)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=MAX_METADATA_KEYS)
     text: TextConfig | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
     parallel_tool_calls: bool | None = None
     service_tier: str | None = None
 

@@ -1,0 +1,53 @@
+"""The worker's side of an engine that runs as a server of its own (llama.cpp's, vLLM's).
+
+Both take a prompt as token ids and stream the answer's ids back; the worker decodes them through
+the same `TokenSink` as every engine, which owns stop strings, hold-back and interruptions. Each
+server engine says only how it streams one answer (`_stream`), decodes ids and tells its memory.
+"""
+
+import httpx
+
+from model_loader.contract import EngineMemory, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
+from model_loader.engine_server import EngineServer
+from model_loader.sink import TokenSink
+from model_loader.streaming import TextStream
+
+
+class ServedEngine:
+    server: EngineServer
+    flush: FlushPolicy
+    _client: httpx.Client
+    _eos_ids: list[int]
+
+    @property
+    def ready(self) -> bool:
+        return self.server.alive
+
+    def generate(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        on_chunk: OnChunk,
+        interruption: Interruption = never,
+        resume: Resume = Resume(),
+    ) -> Outcome:
+        """Going on from published tokens is one more prompt: the prompt's ids and those tokens."""
+        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
+        sink.resume(resume)
+        if left := sink.tokens_left(params, self._eos_ids):
+            self._stream(input_ids + resume.token_ids, params, left, sink)
+        sink.close()
+        return sink.outcome(len(input_ids), self._eos_ids, self._memory())
+
+    def close(self) -> None:
+        self._client.close()
+        self.server.stop()
+
+    def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _memory(self) -> EngineMemory:
+        raise NotImplementedError
