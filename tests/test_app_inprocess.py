@@ -5,6 +5,7 @@ the API reads of them: whether one is ready, and what its engine can do.
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,21 +31,28 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
+@contextmanager
+def app_with(redis_url: str, **settings: str) -> Iterator[TestClient]:
+    """The app made from the environment's settings, as uvicorn would make it, with these set."""
     from app.main import create_app
-    from worker.celery_app import make_celery
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("REDIS_URL", redis_url)
-        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
-        env.setenv("API_KEYS", "")
+        for name, value in {"REDIS_URL": redis_url, "MODEL_CACHE_DIR": str(MODEL_CACHE), **settings}.items():
+            env.setenv(name, value)
         get_settings.cache_clear()
         with TestClient(create_app(get_settings())) as client:
-            # The process's Celery app was made at import, with the settings of that moment.
-            client.app.state.services.celery = make_celery()  # type: ignore[attr-defined]
             yield client
         get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
+    from worker.celery_app import make_celery
+
+    with app_with(redis_url, API_KEYS="") as client:
+        # The process's Celery app was made at import, with the settings of that moment.
+        client.app.state.services.celery = make_celery()  # type: ignore[attr-defined]
+        yield client
 
 
 @pytest.fixture
@@ -126,16 +134,8 @@ def test_what_a_response_keeps_for_a_day_is_bounded_as_openais(
 
 @pytest.fixture(scope="module")
 def keyed_api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
-    from app.main import create_app
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("REDIS_URL", redis_url)
-        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
-        env.setenv("API_KEYS", "the-key")
-        get_settings.cache_clear()
-        with TestClient(create_app(get_settings())) as client:
-            yield client
-        get_settings.cache_clear()
+    with app_with(redis_url, API_KEYS="the-key") as client:
+        yield client
 
 
 def rejections(client: TestClient) -> float:
@@ -175,14 +175,6 @@ def test_tokenize_is_bounded_by_the_prompt_limit(api: TestClient) -> None:
 
 
 def test_the_docs_are_served_only_where_the_operator_says(redis_url: str, tokenizer_dir: Path) -> None:
-    from app.main import create_app
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("REDIS_URL", redis_url)
-        env.setenv("MODEL_CACHE_DIR", str(MODEL_CACHE))
-        env.setenv("PUBLIC_DOCS", "false")
-        get_settings.cache_clear()
-        with TestClient(create_app(get_settings())) as client:
-            for path in ("/docs", "/openapi.json", "/v1/docs", "/v1/openapi.json"):
-                assert client.get(path).status_code == 404, path
-        get_settings.cache_clear()
+    with app_with(redis_url, PUBLIC_DOCS="false") as client:
+        for path in ("/docs", "/openapi.json", "/v1/docs", "/v1/openapi.json"):
+            assert client.get(path).status_code == 404, path
