@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.deps import ServicesDep
 from app.errors import task_not_found
 
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 bearer = HTTPBearer(auto_error=False, description="An API key, when the server sets API_KEYS.")
 
 
@@ -64,13 +66,15 @@ def holds_a_key(scope: Scope) -> bool:
 class KeyBeforeBody:
     """ASGI middleware: on a keyed server, a request without a valid key is refused (401) at the
     first read of its body, before anything parses it; so a keyless caller gets 401 whatever it
-    sends, never a 422 about its JSON. Routes without a body check the key as a dependency."""
+    sends, never a 422 about its JSON. GET, HEAD and OPTIONS pass untouched: they carry no body,
+    the public ones (the page, `/health`) read `receive` only to hear of a disconnect, and the
+    others check the key as a dependency."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in BODILESS_METHODS:
             await self.app(scope, receive, send)
             return
         allowed = holds_a_key(scope)  # here, while scope["app"] is still this app and not a mounted one

@@ -34,8 +34,8 @@ def finished_task(store: TaskStore, chunks: int) -> tuple[str, str]:
     task_id = str(uuid.uuid4())
     store.create(task_id)
     attempt = store.start(task_id, "bench", "{}").attempt
-    for _ in range(chunks):
-        store.append_chunk(task_id, attempt, CHUNK, TOKENS)
+    for number in range(chunks):
+        store.append_chunk(task_id, attempt, number, CHUNK, TOKENS)
     result = GenerationResult(
         text=CHUNK * chunks, finish_reason="length", usage=Usage(prompt_tokens=10, completion_tokens=4 * chunks),
         timings=Timings(queued_s=0, time_to_first_token_s=0.1, generation_s=1, tokens_per_second=4 * chunks,

@@ -103,9 +103,9 @@ def write_rounds(store: TaskStore, task_ids: list[str], rounds: int, round_s: fl
     chunks arrive: each task streams a chunk every `round_s`."""
     gap_s = round_s / len(task_ids)
     next_at = time.perf_counter()
-    for _ in range(rounds):
+    for number in range(rounds):
         for task_id in task_ids:
-            store.append_chunk(task_id, 1, f"{time.time():.6f}", [1, 2, 3, 4])
+            store.append_chunk(task_id, 1, number, f"{time.time():.6f}", [1, 2, 3, 4])
             next_at += gap_s
             time.sleep(max(0.0, next_at - time.perf_counter()))
 

@@ -106,12 +106,19 @@ end
 return status
 """
 
-# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids. Appends only while that attempt holds
-# the task, and answers why it must stop, if it must: the same call publishes and checks. Public:
-# bench/redis_cost.py measures how many of these one Redis core serves.
+# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids, the append's number within the attempt.
+# Appends only while that attempt holds the task, and answers why it must stop, if it must: the same
+# call publishes and checks. A call that ran but whose reply was lost (Redis restarted, a dropped
+# connection) is sent again by the worker's retry: the record keeps the last append's number, so
+# the repeat writes nothing. Public: bench/redis_cost.py measures how many of these one Redis core
+# serves.
 APPEND_LUA = """
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 'superseded' end
-redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
+local mark = ARGV[1] .. ':' .. ARGV[5]
+if redis.call('HGET', KEYS[1], 'appended') ~= mark then
+  redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
+  redis.call('HSET', KEYS[1], 'appended', mark)
+end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then return 'cancelled' end
 return false
@@ -397,12 +404,13 @@ class TaskStore:
             self.redis.publish(CANCELS_CHANNEL, task_id)
         return TaskStatus(before) if before else None
 
-    def append_chunk(self, task_id: str, attempt: int, text: str, token_ids: list[int]) -> str | None:
-        """Append to the stream while `attempt` holds the task. Returns why it must stop, as
-        `stop_reason` does: 'superseded' (nothing was appended) or 'cancelled' (it was)."""
+    def append_chunk(self, task_id: str, attempt: int, number: int, text: str, token_ids: list[int]) -> str | None:
+        """Append to the stream while `attempt` holds the task; `number` counts the attempt's appends
+        (0, 1, ...), so that a retried call appends once. Returns why it must stop, as `stop_reason`
+        does: 'superseded' (nothing was appended) or 'cancelled' (it was)."""
         keys = [record_key(task_id), chunks_key(task_id)]
         tokens = " ".join(map(str, token_ids))
-        found = self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens])
+        found = self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens, number])
         return found.decode() if found else None
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:

@@ -160,6 +160,15 @@ def test_a_keyless_call_is_a_401_whatever_its_body_and_moves_no_counter(
     assert rejections(keyed_api) == before
 
 
+def test_the_page_and_its_files_load_whole_without_a_key(keyed_api: TestClient) -> None:
+    """They are served while the response listens for a disconnect: a key check on that read cut them short."""
+    from app.routes.page import STATIC_DIR, STATIC_FILES
+
+    for path, file in [("/", STATIC_DIR / "index.html")] + [(f"/static/{name}", STATIC_DIR / name) for name in STATIC_FILES]:
+        served = keyed_api.get(path)
+        assert served.status_code == 200 and served.content == file.read_bytes(), path
+
+
 def test_a_keyed_callers_bad_body_is_still_named_and_counted(keyed_api: TestClient) -> None:
     before = rejections(keyed_api)
     refused = keyed_api.post("/generate", content=b"{", headers={"Authorization": "Bearer the-key"})

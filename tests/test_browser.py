@@ -194,8 +194,8 @@ def finished_task(store: TaskStore, chunks: list[str]) -> str:
     store.create(task_id)
     started = store.start(task_id, worker="celery@page-test", request="{}")
     assert started.attempt == 1
-    for chunk in chunks:
-        assert store.append_chunk(task_id, started.attempt, chunk, []) is None  # None: appended, go on
+    for number, chunk in enumerate(chunks):
+        assert store.append_chunk(task_id, started.attempt, number, chunk, []) is None  # None: appended, go on
     result = GenerationResult(
         text="".join(chunks),
         finish_reason="eos",

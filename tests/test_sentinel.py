@@ -160,7 +160,7 @@ def apis(ha: Ha, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 def admin(ha: Ha) -> redis.Redis:
     """A client of our own `connect`, through the Sentinels, as the services have."""
     return connect(Settings(redis_url="redis://127.0.0.1:1/0", redis_sentinels=ha.sentinels_setting,
-                            redis_sentinel_master=MASTER))
+                            redis_sentinel_master=MASTER, redis_sentinel_password=SENTINEL_PASSWORD))
 
 
 def statuses(admin: redis.Redis) -> dict[str, bytes | None]:

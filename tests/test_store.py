@@ -72,13 +72,13 @@ def test_a_lapsed_lease_is_reclaimed_once_and_the_next_attempt_goes_on_from_the_
 ) -> None:
     task_id = new_task(store)
     first = store.start(task_id, "a", '{"prompt": "hi"}')
-    assert store.append_chunk(task_id, first.attempt, "Hello", [1, 2]) is None
+    assert store.append_chunk(task_id, first.attempt, 0, "Hello", [1, 2]) is None
     assert store.start(task_id, "b", "{}").found == "held", "a duplicate delivery ran beside the holder"
     lapse(store, task_id)
 
     assert store.reclaim_lapsed(task_id) == '{"prompt": "hi"}'
     assert store.reclaim_lapsed(task_id) is None, "reclaimed twice"
-    assert store.append_chunk(task_id, first.attempt, " stale", [3]) == "superseded", "the old holder still writes"
+    assert store.append_chunk(task_id, first.attempt, 1, " stale", [3]) == "superseded", "the old holder still writes"
     assert store.stop_reason(task_id, first.attempt) == "superseded"
     assert store.renew({task_id: first.attempt}) == [task_id]
 
@@ -86,6 +86,16 @@ def test_a_lapsed_lease_is_reclaimed_once_and_the_next_attempt_goes_on_from_the_
     assert second.attempt == 2 and second.first_started_at == first.first_started_at
     assert store.published(task_id).token_ids == [1, 2] and store.published(task_id).text == "Hello"
     assert store.renew({task_id: second.attempt}) == []
+
+
+def test_an_append_sent_again_after_its_reply_was_lost_is_written_once(store: TaskStore) -> None:
+    """The worker's retry resends a call whose reply Redis never sent (it restarted just after)."""
+    task_id = new_task(store)
+    attempt = store.start(task_id, "a", "{}").attempt
+    for number, text in [(0, "Once"), (1, " upon"), (1, " upon"), (2, " a")]:
+        assert store.append_chunk(task_id, attempt, number, text, [number]) is None
+    published = store.published(task_id)
+    assert (published.text, published.token_ids) == ("Once upon a", [0, 1, 2])
 
 
 def test_a_clean_hand_back_does_not_count_as_an_attempt(store: TaskStore) -> None:

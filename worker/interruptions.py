@@ -41,10 +41,12 @@ class Interruptions:
         self._reason: str | None = None
         self._heard_at = time.monotonic()
         self._progress = progress
+        self._appended = 0
 
     def publish(self, text: str, token_ids: list[int]) -> None:
         """The engine's `on_chunk`: append, and keep what the append said."""
-        self._reason = self._reason or self._store.append_chunk(self._task_id, self._attempt, text, token_ids)
+        number, self._appended = self._appended, self._appended + 1
+        self._reason = self._reason or self._store.append_chunk(self._task_id, self._attempt, number, text, token_ids)
         self._heard_at = time.monotonic()
 
     def __call__(self) -> str | None:
