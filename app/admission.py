@@ -14,21 +14,35 @@ from pydantic import ValidationError
 
 from app.deps import Services
 from app.errors import field_error
-from app.limits import check_capabilities, check_message_count, check_prompt_chars, check_queue_room
+from app.limits import (
+    check_capabilities,
+    check_message_count,
+    check_prompt_chars,
+    check_queue_room,
+    check_rate,
+    metrics_admitted,
+)
 from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
 from prompts import ChatFormatter, PromptTooLong, build_prompt
-from worker.celery_app import send_generate
+from core.queue import BACKGROUND, INTERACTIVE, sender
+from core.tenants import tenant
 
 
-def admit(body: GenerateRequest, services: Services, caller: str | None, annotation: str | None = None) -> str:
+def admit(
+    body: GenerateRequest, services: Services, caller: str | None, annotation: str | None = None,
+    background: bool = False,
+) -> str:
     """The new task's id once it is queued; raises the 4xx (or 503) that explains a refusal.
 
     `annotation` is kept with the task for the API family that admitted it (see TaskStore.create).
+    `background` work waits behind interactive work (core.queue).
     """
     settings = services.settings
+    who = tenant(settings, caller)
+    check_rate(services, who)
     check_capabilities(body, Heartbeats(services.redis).live())
     body = body.with_defaults(settings)
     max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
@@ -43,8 +57,8 @@ def admit(body: GenerateRequest, services: Services, caller: str | None, annotat
         build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
     except PromptTooLong as exc:
         raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
-    check_queue_room(services)
-    return _enqueue(body, services, caller, annotation)
+    check_queue_room(services, who)
+    return _enqueue(body, services, caller, annotation, BACKGROUND if background else INTERACTIVE)
 
 
 def internal_request(fields: dict[str, object]) -> GenerateRequest:
@@ -72,20 +86,25 @@ def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None
             raise field_error(loc, f"{found!r} is part of this model's chat format and may not appear in a message")
 
 
-def _enqueue(body: GenerateRequest, services: Services, caller: str | None, annotation: str | None) -> str:
-    """Record, send, and only then let the record outlive a long queue; a failed send leaves nothing behind.
+def _enqueue(
+    body: GenerateRequest, services: Services, caller: str | None, annotation: str | None, task_class: str
+) -> str:
+    """Record, put in its lane (where the record outlives a long queue), then release what the free
+    slots take; a failed enqueue leaves nothing behind.
 
     With REDIS_MIN_REPLICAS, the task is accepted only once that many replicas hold its record and
     its message, so a failover cannot lose it; else it is cancelled and the answer is a 503.
     """
     task_id = str(uuid.uuid4())
     services.store.create(task_id, owner=caller, annotation=annotation)
+    who = tenant(services.settings, caller)
     try:
-        send_generate(services.celery, body.model_dump(mode="json"), task_id)
+        services.lanes.enqueue(task_id, who, task_class, body.model_dump(mode="json"))
     except Exception:
         services.store.delete(task_id)
         raise
-    services.store.hold_while_queued(task_id)
+    metrics_admitted(services, who)
+    services.lanes.release(sender(services.celery), services.settings.background_share)
     wanted = services.settings.redis_min_replicas
     if wanted and not replicated(services.redis, wanted, REPLICA_WAIT_MS):
         # The cancel keeps a queued task from running, unless it too is lost with the primary.

@@ -8,6 +8,7 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
+from core.queue import Lanes
 from core.settings import Settings
 from core.store import TaskStore
 from tokenizers import Tokenizer
@@ -21,6 +22,7 @@ class Services:
     redis: redis.Redis
     aredis: redis.asyncio.Redis  # for the stream routes' blocking reads
     store: TaskStore
+    lanes: Lanes
     celery: Celery
     formatter: ChatFormatter
     tokenizer: Tokenizer  # for llama.cpp's /tokenize and /detokenize: control tokens as tokens

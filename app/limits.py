@@ -1,25 +1,27 @@
-"""What the API refuses to take on: oversized prompts (422), options its live workers lack (422) and more
-tasks than the queue may hold (429).
+"""What the API refuses to take on: oversized prompts (422), options its live workers lack (422), and
+more than a key may ask (429): tasks waiting, requests a minute.
 
 Each check runs before the expensive step it protects: the prompt limits before the prompt is
-tokenized, the queue limit before a task is recorded. (Oversized bodies are FastAPI's own
+tokenized, the key's limits before a task is recorded. (Oversized bodies are FastAPI's own
 `max_body_size`, set in app.main.)
 """
 
+import math
+import time
+
 from fastapi import HTTPException
-from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from app.deps import Services
 from app.errors import field_error
+from core import metrics
 from core.heartbeats import WorkerState
 from core.protocol import GenerateRequest
-from worker.celery_app import QUEUE
+from core.tenants import SHARED, Tenant
+from model_loader.source import model_name
 
 QUEUE_FULL_RETRY_AFTER_S = 5
-
-# kombu's Redis transport keeps a queue as one list per priority step: the plain name for
-# priority 0, then "<name>\x06\x16<step>" for the others.
-QUEUE_KEYS = [QUEUE] + [f"{QUEUE}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
+# Requests per minute are counted in fixed windows of a minute, one key per tenant and minute.
+RATE_WINDOW_S = 60
 
 
 def check_message_count(body: GenerateRequest, limit: int) -> None:
@@ -57,21 +59,36 @@ def check_prompt_chars(body: GenerateRequest, limit: int) -> None:
         )
 
 
-def queued_tasks(services: Services) -> int:
-    """Tasks waiting in the Celery queue; tasks a worker has taken are no longer counted."""
-    pipe = services.redis.pipeline(transaction=False)
-    for key in QUEUE_KEYS:
-        pipe.llen(key)
-    return sum(pipe.execute())
+def check_queue_room(services: Services, who: Tenant) -> None:
+    """429 while the tenant has MAX_QUEUED_TASKS waiting; concurrent requests may pass it by a few.
+    Another tenant's backlog never counts against this one."""
+    waiting = services.lanes.counts(who.name).waiting
+    if waiting >= who.max_queued_tasks:
+        whose = "" if who.name == SHARED else f" for key {who.name!r}"
+        raise too_many(f"the queue is full ({waiting} tasks waiting, limit {who.max_queued_tasks}){whose}; "
+                       "retry later", QUEUE_FULL_RETRY_AFTER_S)
 
 
-def check_queue_room(services: Services) -> None:
-    """429 while the queue holds MAX_QUEUED_TASKS; concurrent requests may pass it by a few."""
-    limit = services.settings.max_queued_tasks
-    waiting = queued_tasks(services)
-    if waiting >= limit:
-        raise HTTPException(
-            status_code=429,
-            detail=f"the queue is full ({waiting} tasks waiting, limit {limit}); retry later",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-        )
+def check_rate(services: Services, who: Tenant) -> None:
+    """429 once the tenant has sent REQUESTS_PER_MINUTE generation requests this minute."""
+    if not who.requests_per_minute:
+        return
+    now = time.time()
+    window = int(now // RATE_WINDOW_S)
+    key = f"limits:rate:{who.name}:{window}"
+    pipe = services.redis.pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.expire(key, 2 * RATE_WINDOW_S)
+    sent, _ = pipe.execute()
+    if sent > who.requests_per_minute:
+        retry_after = math.ceil((window + 1) * RATE_WINDOW_S - now)
+        raise too_many(f"key {who.name!r} has sent {who.requests_per_minute} requests this minute, its limit; "
+                       f"retry in {retry_after} s", retry_after)
+
+
+def too_many(detail: str, retry_after_s: int) -> HTTPException:
+    return HTTPException(status_code=429, detail=detail, headers={"Retry-After": str(retry_after_s)})
+
+
+def metrics_admitted(services: Services, who: Tenant) -> None:
+    services.redis.hincrbyfloat(metrics.KEY, metrics.admitted(model_name(services.settings), who.name), 1)

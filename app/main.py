@@ -24,11 +24,11 @@ from app.security import KeyBeforeBody, authenticate
 from core.protocol import ErrorBody
 from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
-from core.store import TaskStore
+from core.store import LEASES_KEY, TaskStore
 from model_loader.source import model_name, tokenizer_dir
 from prompts import chat_template, context_window, load_formatter
 from prompts.tokens import load_tokenizer
-from worker.celery_app import app as celery_app
+from core.queue import Lanes, make_celery
 
 
 def build_services() -> Services:
@@ -41,7 +41,8 @@ def build_services() -> Services:
         redis=client,
         aredis=connect_async(settings, longest_block_s=streams.BLOCK_MS / 1000),
         store=TaskStore(client, settings.result_ttl_s, model=model_name(settings)),
-        celery=celery_app,
+        lanes=Lanes(client, LEASES_KEY),
+        celery=make_celery(settings),
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
         tokenizer=load_tokenizer(folder, specials_as_text=False),
         chat_template=chat_template(folder),

@@ -2,7 +2,7 @@
 
 Counters and histograms come from the hash every worker and API process adds to (`core.metrics`);
 the gauges are read from Redis at scrape time: the queue's length, the leases held (tasks
-running), the workers whose heartbeat is fresh. The API also counts each refusal it answers
+running), the workers whose heartbeat is fresh, and each key's tasks waiting and running. The API also counts each refusal it answers
 (`CountRejections`), whichever family's envelope it went out in.
 """
 
@@ -15,15 +15,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import Services
-from app.limits import queued_tasks
-from app.security import holds_a_key
+from app.security import key_name
 from core import metrics
 from core.heartbeats import Heartbeats
 from core.store import LEASES_KEY
 from model_loader.source import model_name
 
 REJECTIONS = {400, 413, 422, 429}
-COUNTER_LABELS = {metrics.FINISHED: ["model", "status", "finish_reason"], metrics.REJECTED: ["model", "code"]}
+COUNTER_LABELS = {
+    metrics.FINISHED: ["model", "status", "finish_reason"],
+    metrics.REJECTED: ["model", "key", "code"],
+    metrics.ADMITTED: ["model", "key"],
+}
 
 
 def render(services: Services) -> bytes:
@@ -48,13 +51,26 @@ class FleetCollector:
     def _gauges(self) -> Iterator[Metric]:
         redis_client: redis.Redis = self.services.redis
         values = {
-            "num_requests_waiting": ("Tasks waiting in the queue.", queued_tasks(self.services)),
+            "num_requests_waiting": ("Tasks waiting in the queue.", self.services.lanes.waiting()),
             "num_requests_running": ("Tasks a worker holds now.", redis_client.zcard(LEASES_KEY)),
             "workers_online": ("Workers whose heartbeat is fresh.", len(Heartbeats(redis_client).live())),
         }
         for name, (help_text, value) in values.items():
             gauge = GaugeMetricFamily(f"{metrics.PREFIX}{name}", help_text, labels=["model"])
             gauge.add_metric([self.model], value)
+            yield gauge
+        yield from self._by_key()
+
+    def _by_key(self) -> Iterator[Metric]:
+        """Each key's tasks waiting and running, by the name the operator gave it (never the key)."""
+        tenants = self.services.lanes.tenants()
+        for name, help_text, count in [
+            ("key_requests_waiting", "Tasks waiting in each key's lanes.", lambda c: c.waiting),
+            ("key_requests_running", "Tasks of each key released to the workers or running.", lambda c: c.running),
+        ]:
+            gauge = GaugeMetricFamily(f"{metrics.PREFIX}{name}", help_text, labels=["model", "key"])
+            for key, counts in tenants.items():
+                gauge.add_metric([self.model, key], count(counts))
             yield gauge
 
 
@@ -105,19 +121,19 @@ class CountRejections:
             await self.app(scope, receive, send)
             return
 
-        counted = holds_a_key(scope)
+        name = key_name(scope)
 
         async def counting(message: Message) -> None:
-            if counted and message["type"] == "http.response.start" and message["status"] in REJECTIONS:
-                await _count(scope, message["status"])
+            if name is not None and message["type"] == "http.response.start" and message["status"] in REJECTIONS:
+                await _count(scope, name, message["status"])
             await send(message)
 
         await self.app(scope, receive, counting)
 
 
-async def _count(scope: Scope, status: int) -> None:
+async def _count(scope: Scope, name: str, status: int) -> None:
     services: Services = scope["app"].state.services
     try:
-        await services.aredis.hincrbyfloat(metrics.KEY, metrics.rejected(model_name(services.settings), status), 1)
+        await services.aredis.hincrbyfloat(metrics.KEY, metrics.rejected(model_name(services.settings), name, status), 1)
     except redis.RedisError:  # Redis away: the refusal itself says so (503s are not counted here)
         pass

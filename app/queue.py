@@ -1,8 +1,9 @@
 """Where a queued task stands: how many tasks will start before it, and about when it will start.
 
-Its rank among the new tasks waiting (one ZRANK), plus the tasks taken over from a worker that
-wait at the front of the queue; the wait is that many tasks' worth of the recent generation
-times, shared among the ready workers' slots. A few small Redis reads, however long the queue.
+Its place under fair sharing (`core.queue.Lanes.place`: its rank in its own lane, and what the
+other lanes and the released tasks put before it); the wait is that many tasks' worth of the
+recent generation times, shared among the ready workers' slots. A few small Redis reads per
+lane with work, however long the lanes.
 """
 
 import math
@@ -14,7 +15,6 @@ import anyio
 from app.deps import Services
 from core.heartbeats import Heartbeats
 from core.protocol import QueuePlace
-from worker.celery_app import QUEUE
 
 # A stream tells a waiting client its place again when it changes, looking this often.
 WATCH_S = 1.0
@@ -22,10 +22,9 @@ WATCH_S = 1.0
 
 def queue_place(services: Services, task_id: str) -> QueuePlace | None:
     """None once the task has left the queue (or was never in it)."""
-    rank = services.store.queue_rank(task_id)
-    if rank is None:
+    ahead = services.lanes.place(task_id, services.settings.background_share)
+    if ahead is None:
         return None
-    ahead = rank + services.redis.llen(QUEUE)  # priority 0's list, the plain name: takeovers only
     return QueuePlace(queue_position=ahead, estimated_start_s=_estimated_start_s(services, ahead))
 
 

@@ -6,7 +6,6 @@ created it: the record keeps a SHA-256 tag of that key (never the key), and any 
 gets the same 404 as for an id that does not exist.
 """
 
-import hashlib
 import hmac
 import uuid
 from typing import Annotated
@@ -18,15 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import ServicesDep
 from app.errors import task_not_found
+from core.tenants import SHARED, owner_tag, tenant
 
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 bearer = HTTPBearer(auto_error=False, description="An API key, when the server sets API_KEYS.")
-
-
-def owner_tag(key: str) -> str:
-    """What the task record keeps of a key: enough to match it again, useless to recover it."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def authenticate(
@@ -55,12 +50,17 @@ def may_read_details(
 MayReadDetails = Annotated[bool, Depends(may_read_details)]
 
 
-def holds_a_key(scope: Scope) -> bool:
-    """Whether a request carries one of the server's keys (always, on an open server): only such
-    callers' refusals are counted, so that a stranger cannot move the fleet's figures."""
-    keys = scope["app"].state.services.settings.accepted_api_keys
+def key_name(scope: Scope) -> str | None:
+    """The name of the server's key that a request carries (`shared` on an open server); None for
+    none or an unknown one. Only named callers' refusals are counted, so that a stranger cannot
+    move the fleet's figures."""
+    settings = scope["app"].state.services.settings
+    if not settings.accepted_api_keys:
+        return SHARED
     scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
-    return not keys or (scheme.lower() == "bearer" and bool(key) and _known(owner_tag(key.strip()), keys))
+    if scheme.lower() != "bearer" or not key or not _known(tag := owner_tag(key.strip()), settings.accepted_api_keys):
+        return None
+    return tenant(settings, tag).name
 
 
 class KeyBeforeBody:
@@ -77,7 +77,7 @@ class KeyBeforeBody:
         if scope["type"] != "http" or scope["method"] in BODILESS_METHODS:
             await self.app(scope, receive, send)
             return
-        allowed = holds_a_key(scope)  # here, while scope["app"] is still this app and not a mounted one
+        allowed = key_name(scope) is not None  # here, while scope["app"] is still this app and not a mounted one
 
         async def gated() -> Message:
             if not allowed:

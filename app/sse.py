@@ -7,7 +7,7 @@ No `id:` lines are ever written: the official openai SDK fails on a ping after o
 Completions streams are `data:` lines only; Responses streams name each event (`event:`).
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi.sse import KEEPALIVE_COMMENT, ServerSentEvent, format_sse_event
@@ -17,18 +17,32 @@ PING_S = 15.0
 
 
 def sse_response(
-    data: AsyncIterator[str | ServerSentEvent], headers: dict[str, str] | None = None
+    data: AsyncIterator[str | ServerSentEvent],
+    headers: dict[str, str] | None = None,
+    on_close: Callable[[], Awaitable[None]] | None = None,
 ) -> StreamingResponse:
     """Each string `data` yields becomes one `data:` event, and each ServerSentEvent its `event:`
-    and `data:` lines (its `raw_data`, already JSON), with pings while it yields nothing."""
+    and `data:` lines (its `raw_data`, already JSON), with pings while it yields nothing.
+    `on_close` is awaited once the stream ends, however it ends (`app.streams.hold_stream`)."""
     return StreamingResponse(
-        _with_pings(data),
+        _with_pings(data, on_close),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
 
 
-async def _with_pings(data: AsyncIterator[str | ServerSentEvent]) -> AsyncIterator[bytes]:
+async def _with_pings(
+    data: AsyncIterator[str | ServerSentEvent], on_close: Callable[[], Awaitable[None]] | None
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in _pinged(data):
+            yield chunk
+    finally:
+        if on_close is not None:
+            await on_close()
+
+
+async def _pinged(data: AsyncIterator[str | ServerSentEvent]) -> AsyncIterator[bytes]:
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=1)
 
     async def produce() -> None:

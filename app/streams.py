@@ -10,17 +10,21 @@ is back, for up to OUTAGE_S.
 """
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
+import redis
 import redis.asyncio
 
 from app.deps import Services
+from app.limits import too_many
 from core.protocol import TaskStatus, TaskView
 from core.redis_client import RETRY_INTERVAL_S, TRANSIENT_ERRORS
 from core.store import START_CURSOR, chunks_key, record_key
+from core.tenants import tenant
 
 T = TypeVar("T")
 
@@ -30,6 +34,7 @@ DISCONNECT_CHECK_S = 0.25
 OUTAGE_S = 30.0
 # The status of an answer to a client that left before it (nginx's code): nobody reads it.
 CLIENT_GONE = 499
+STREAM_RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,61 @@ async def _riding_out(read: Callable[[], Awaitable[T]]) -> T:
 async def _over(client: redis.asyncio.Redis, task_id: str) -> bool:
     status = await client.hget(record_key(task_id), "status")
     return status is None or TaskStatus(status.decode()).finished
+
+
+# A key's open streams: a sorted set of one entry per stream, scored by when it lapses, so that
+# the entries of an API process that died leave the count by themselves.
+STREAMS_KEY = "limits:streams:{}"
+STREAM_ENTRY_S = 900
+# KEYS: the key's streams. ARGV: entry, limit, now (ms), lapse (ms). 1 if the entry was added.
+_HOLD_STREAM_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+async def hold_stream(services: Services, caller: str | None) -> "OnClose":
+    """Count one more open stream against the caller's key, or 429 at its MAX_STREAMS; returns what
+    gives the place back, to be awaited when the stream ends. (An entry outlives a stream whose
+    API process died by STREAM_ENTRY_S at most.)"""
+    who = tenant(services.settings, caller)
+    key, entry = STREAMS_KEY.format(who.name), uuid.uuid4().hex
+    held = await services.aredis.eval(
+        _HOLD_STREAM_LUA, 1, key, entry, who.max_streams, int(time.time() * 1000), STREAM_ENTRY_S * 1000
+    )
+    if not held:
+        raise too_many(f"key {who.name!r} holds {who.max_streams} open streams, its limit; close one first",
+                       STREAM_RETRY_AFTER_S)
+
+    async def give_back() -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await services.aredis.zrem(key, entry)
+            except redis.RedisError:  # Redis away: the entry lapses by itself
+                pass
+
+    return give_back
+
+
+OnClose = Callable[[], Awaitable[None]]
+
+
+async def admit_streaming(
+    services: Services, caller: str | None, stream: bool, admit: Callable[[], Awaitable[str]]
+) -> tuple[str, OnClose | None]:
+    """`admit()`, and for a stream its place among the key's open streams, taken first, so that a
+    key at its MAX_STREAMS is refused before any task is queued for it; with what gives it back."""
+    if not stream:
+        return await admit(), None
+    give_back = await hold_stream(services, caller)
+    try:
+        return await admit(), give_back
+    except BaseException:
+        await give_back()
+        raise
 
 
 class StreamBroken(Exception):

@@ -55,12 +55,14 @@ PROMPT_TOKENS = f"{PREFIX}prompt_tokens_total"
 GENERATION_TOKENS = f"{PREFIX}generation_tokens_total"
 TAKEOVERS = f"{PREFIX}request_takeovers_total"
 REJECTED = f"{PREFIX}request_rejected_total"
+ADMITTED = f"{PREFIX}request_admitted_total"
 COUNTERS = {
     FINISHED: "Tasks that ended, by status and finish_reason ('none' for a failed task).",
     PROMPT_TOKENS: "Prompt tokens of the tasks that ended with a result.",
     GENERATION_TOKENS: "Tokens generated for the tasks that ended with a result.",
     TAKEOVERS: "Attempts after a task's first: a worker died, froze or stopped, and another went on.",
-    REJECTED: "Requests refused, by HTTP status (400 and 422 bad input, 413 too large, 429 queue full).",
+    REJECTED: "Requests refused, by key name and HTTP status (400 and 422 bad input, 413 too large, 429 a limit).",
+    ADMITTED: "Tasks admitted to the queue, by key name.",
 }
 
 
@@ -96,8 +98,12 @@ def takeover(model: str) -> str:
     return field(TAKEOVERS, model=model)
 
 
-def rejected(model: str, status: int) -> str:
-    return field(REJECTED, model=model, code=str(status))
+def rejected(model: str, key: str, status: int) -> str:
+    return field(REJECTED, model=model, key=key, code=str(status))
+
+
+def admitted(model: str, key: str) -> str:
+    return field(ADMITTED, model=model, key=key)
 
 
 def _bound(bound: float) -> str:

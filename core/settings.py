@@ -1,14 +1,27 @@
 """The one settings object: environment variables first, then `.env`, then these defaults."""
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+class KeyLimits(BaseModel):
+    """One key's own limits (KEY_LIMITS), in place of the defaults for all keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, gt=0, description="Its share of free slots against other keys with work waiting.")
+    max_queued_tasks: int | None = Field(None, ge=1)
+    max_running: int | None = Field(None, ge=0)
+    requests_per_minute: int | None = Field(None, ge=0)
+    max_streams: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -123,11 +136,24 @@ class Settings(BaseSettings):
         return 2 * self.task_time_limit_s + 10
 
     # Limits and access (the API), and the client's key.
-    max_queued_tasks: int = Field(1000, ge=1, description="POST /generate answers 429 while this many tasks wait.")
+    max_queued_tasks: int = Field(
+        1000, ge=1, description="Tasks one key may have waiting (all callers together without API_KEYS); more answer 429."
+    )
+    max_running_per_key: int = Field(0, ge=0, description="Tasks of one key that run at once; 0 sets no cap.")
+    requests_per_minute: int = Field(0, ge=0, description="Generation requests one key may send a minute; 0 sets no cap.")
+    max_streams_per_key: int = Field(100, ge=1, description="Streams one key may hold open at once; more answer 429.")
+    key_limits: dict[str, KeyLimits] = Field(
+        {}, description='Per key name, JSON: {"team-a": {"weight": 3, "max_running": 4}}; unset fields take the defaults.'
+    )
+    background_share: float = Field(
+        0.1, gt=0, lt=1, description="Share of free slots that background work gets while interactive work waits."
+    )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
     max_prompt_chars: int = Field(100_000, ge=1, description="Prompt (or message contents) plus system prompt.")
     max_messages: int = Field(256, ge=1, description="Most messages one request may hold; more answers 422.")
-    api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated keys the API accepts; empty means open.")
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="Comma-separated keys the API accepts, each as name:key or a bare key; empty means open."
+    )
     api_key: SecretStr | None = Field(None, description="The key run_client.py sends.")
     public_docs: bool = Field(True, description="Serve the OpenAPI docs (/docs, /openapi.json) to anyone.")
     cors_origins: str = Field("", description="Comma-separated origins browsers may call from; empty means none.")
@@ -168,7 +194,19 @@ class Settings(BaseSettings):
     @property
     def accepted_api_keys(self) -> list[str]:
         """A comma-separated string in the environment reads better than the JSON list pydantic expects."""
-        return _split(self.api_keys.get_secret_value())
+        return list(self.api_key_names)
+
+    @property
+    def api_key_names(self) -> dict[str, str]:
+        """Each key and the name its lane and metrics go by: the part before its first ':', or, for a
+        bare key, a short hash of it (so that no secret is ever a label)."""
+        names = {}
+        for item in _split(self.api_keys.get_secret_value()):
+            name, _, key = item.partition(":")
+            if not key:
+                name, key = f"key-{hashlib.sha256(item.encode()).hexdigest()[:8]}", item
+            names[key] = name
+        return names
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -6,7 +6,7 @@ that wrote it, closed by an `end` entry once the task has ended. Celery's own re
 not used: it reports PENDING for ids it never saw and `update_state` overwrites, which would
 drop chunks. Stream entry ids are the cursors, so any number of pollers read from wherever they
 are. Both keys expire `result_ttl_s` after the last write, except that a queued task's record
-does not expire while its message waits in the queue, however long the backlog.
+does not expire while it waits in its lane, however long the backlog.
 
 Leases: a running task is held by one attempt, whose worker renews the lease (a deadline in the
 sorted set `tasks:leases`, on Redis's clock) every few seconds. Only the holder may write: a
@@ -16,8 +16,8 @@ duplicate and is not run. The chunks stay when a lease changes hands: the next a
 published tokens after the prompt and goes on, so the text and cursors a reader has seen stay
 valid.
 
-Beside them: the sorted set `tasks:queued` (the tasks sent and not yet started, in the order
-sent: their place in line), the last few generation times (a queued task's expected wait), and
+Beside them: the queue's lanes (`core.queue`), which the scripts that start and end a task
+keep in step, the last few generation times (a queued task's expected wait), and
 the fleet's metrics (`core.metrics`), which a task's end adds to in the same script that ends it.
 """
 
@@ -29,6 +29,7 @@ import redis
 from redis.commands.core import Script
 
 from core import metrics
+from core.queue import LEAVE_LUA, RELEASED_KEY
 from core.protocol import NOT_COMPLETED, SUPERSEDED, Chunk, GenerationResult, TaskStatus, TaskView
 from core.redis_client import RETRY_INTERVAL_S, transient_script_error
 
@@ -36,9 +37,6 @@ START_CURSOR = "0-0"
 LEASES_KEY = "tasks:leases"
 # How long a reclaimer has to send a lapsed task on before another may reclaim it again.
 RESEND_AFTER_MS = 30_000
-# The tasks whose message waits in the queue, in the order they were sent: a task's rank here is
-# its place among the new tasks (tasks taken over from a worker go ahead of them all).
-QUEUED_KEY = "tasks:queued"
 # How long the last few answers took to generate: what a queued task's expected wait is made of.
 RECENT_KEY = "tasks:recent_generation_s"
 RECENT = 50
@@ -54,10 +52,10 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: record, leases, metrics, queued. ARGV: task id, ttl, lease ms, started_at, the metrics
+# KEYS: record, leases, metrics, released. ARGV: task id, ttl, lease ms, started_at, the metrics
 # field that counts takeovers, then field/value pairs. Starts an attempt when the task is queued,
-# or running with nobody holding it (its lease was reclaimed or handed back): takes it out of the
-# queue's line, counts the attempt up, makes it the holder and grants its lease, in one step, so
+# or running with nobody holding it (its lease was reclaimed or handed back): takes it out of
+# `released` (core.queue), counts the attempt up, makes it the holder and grants its lease, in one step, so
 # two deliveries that start at once cannot both hold the task. Returns {status found, attempt,
 # attempts handed back, first started_at}; 'held' as the status when another attempt holds a live
 # lease (the delivery is a duplicate).
@@ -78,14 +76,14 @@ local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
 return {status, attempt, handed_back, redis.call('HGET', KEYS[1], 'first_started_at')}
 """
 
-# KEYS: record, chunks, leases, metrics, queued. ARGV: task id, allowed statuses (comma-separated), ttl,
+# KEYS: record, chunks, leases, metrics, released. ARGV: task id, allowed statuses (comma-separated), ttl,
 # the attempt that must hold the task ('' for any, '0' for nobody), the number n of metrics
 # increments that follow as (field, amount) pairs, then field/value pairs. Applies the fields
 # only if the current status is allowed and the holder matches; a status that ends the task also
-# drops its lease and its stored request, adds the increments (so an ended task is counted once),
+# drops its lease, its place in the queue (core.queue) and its stored request, adds the increments (so an ended task is counted once),
 # and ends its stream with an `end` entry, so readers blocked on the stream learn of it at once.
 # Returns the status found, or 'superseded' when the holder did not match.
-_TRANSITION_LUA = """
+_TRANSITION_LUA = LEAVE_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if not string.find(',' .. ARGV[2] .. ',', ',' .. status .. ',', 1, true) then return status end
@@ -99,7 +97,7 @@ if now == 'succeeded' or now == 'failed' or now == 'cancelled' then
   redis.call('HSET', KEYS[1], 'holder', '0')
   redis.call('HDEL', KEYS[1], 'request')
   redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
+  leave_queue(KEYS[1], KEYS[5], ARGV[1])
   redis.call('XADD', KEYS[2], '*', 'end', now)
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
@@ -176,15 +174,6 @@ if redis.call('HGET', KEYS[1], 'holder') == '0' then redis.call('ZREM', KEYS[2],
 return 0
 """
 
-# KEYS: record, queued. ARGV: task id. Takes the expiry off a record that is still queued (one a
-# worker has started keeps the expiry its start set), and puts the task in line.
-_HOLD_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-local clock = redis.call('TIME')
-redis.call('ZADD', KEYS[2], tonumber(clock[1]) * 1000000 + tonumber(clock[2]), ARGV[1])
-return redis.call('PERSIST', KEYS[1])
-"""
-
 # KEYS: record, chunks. ARGV: where the range starts ('-', or '(<cursor>' for the entries after a
 # cursor). Both in one read, so a view never pairs a record with chunks written after it; a script
 # rather than MULTI, because Redis refuses a MULTI while it is out of memory and reading should go
@@ -255,7 +244,6 @@ class TaskStore:
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
         self._sent_on_script = client.register_script(_SENT_ON_LUA)
-        self._hold_script = client.register_script(_HOLD_LUA)
         self._view_script = client.register_script(_VIEW_LUA)
 
     def create(self, task_id: str, owner: str | None = None, annotation: str | None = None) -> None:
@@ -276,15 +264,6 @@ class TaskStore:
         pipe.expire(key, min(self.ttl_s, UNSENT_TTL_S))
         pipe.execute()
 
-    def hold_while_queued(self, task_id: str) -> None:
-        """Once the task's message is in the queue, its record stays as long as the message waits.
-
-        A backlog longer than the TTL would otherwise expire the record of a task still queued,
-        and the worker that finally takes it would find nothing to run. The worker's start (or a
-        cancel) sets the expiry again.
-        """
-        self._eval(self._hold_script, [record_key(task_id), QUEUED_KEY], [task_id])
-
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
         value = self.redis.hget(record_key(task_id), "owner")
@@ -299,7 +278,7 @@ class TaskStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(record_key(task_id), chunks_key(task_id))
         pipe.zrem(LEASES_KEY, task_id)
-        pipe.zrem(QUEUED_KEY, task_id)
+        pipe.zrem(RELEASED_KEY, task_id)
         pipe.execute()
 
     def enqueued_at(self, task_id: str) -> float | None:
@@ -317,7 +296,7 @@ class TaskStore:
         args: list[object] = [task_id, self.ttl_s, self.lease_ms, now, metrics.takeover(self.model)]
         for key, value in fields.items():
             args += [key, str(value)]
-        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY, metrics.KEY, QUEUED_KEY], args)
+        found = self._eval(self._start_script, [record_key(task_id), LEASES_KEY, metrics.KEY, RELEASED_KEY], args)
         if not found:
             return Started(attempt=0, found=None)
         status, attempt, handed_back, first_started_at = found
@@ -375,10 +354,6 @@ class TaskStore:
         (seconds, micros), earliest = pipe.execute()
         now_ms = seconds * 1000 + micros // 1000
         return [task_id.decode() for task_id, deadline in earliest if deadline <= now_ms]
-
-    def queue_rank(self, task_id: str) -> int | None:
-        """The task's place among the new tasks waiting (0: the first); None once it has left the queue."""
-        return self.redis.zrank(QUEUED_KEY, task_id)
 
     def recent_generation_s(self) -> list[float]:
         """How long the last few answers took to generate, newest first."""
@@ -484,7 +459,7 @@ class TaskStore:
             args += [name, amount]
         for key, value in fields.items():
             args += [key, str(value)]
-        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY, metrics.KEY, QUEUED_KEY]
+        keys = [record_key(task_id), chunks_key(task_id), LEASES_KEY, metrics.KEY, RELEASED_KEY]
         found = self._eval(self._transition_script, keys, args)
         return found.decode() if found else None
 

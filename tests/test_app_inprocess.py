@@ -47,7 +47,7 @@ def app_with(redis_url: str, **settings: str) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def api(redis_url: str, tokenizer_dir: Path) -> Iterator[TestClient]:
-    from worker.celery_app import make_celery
+    from core.queue import make_celery
 
     with app_with(redis_url, API_KEYS="") as client:
         # The process's Celery app was made at import, with the settings of that moment.

@@ -24,7 +24,7 @@ from core.store import TaskStore
 from devstack.processes import Stack, wait_until
 from tests.blackhole import BlackHoleProxy
 from tests.extra_api import extra_api
-from worker.celery_app import QUEUE, send_generate
+from core.queue import QUEUE, send_generate
 from tests.helpers import poll_until_finished, submit
 
 # In every prompt here, so that the last test can check that no log holds it, failures included.

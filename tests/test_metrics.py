@@ -15,7 +15,7 @@ from core.store import TaskStore
 from devstack.processes import Stack, wait_until
 from tests.extra_api import extra_api
 from tests.helpers import poll_until, poll_until_finished, submit
-from worker.celery_app import QUEUE, send_generate
+from core.queue import QUEUE, send_generate
 
 MODEL = "SmolLM2-135M-Instruct"
 P = "queued_llama_"
@@ -94,8 +94,11 @@ def test_metrics_count_exactly_what_was_done(stack: Stack) -> None:
     latency = sum(v.timings.total_s for v in finished if v.timings)
     assert moved(before, after, f"{P}e2e_request_latency_seconds_sum") == pytest.approx(latency)
     for code in ("400", "413", "422", "429"):
-        assert moved(before, after, f"{P}request_rejected_total", code=code) == 1, code
+        assert moved(before, after, f"{P}request_rejected_total", key="shared", code=code) == 1, code
+    assert moved(before, after, f"{P}request_admitted_total", key="shared") == 4  # 2 finished, running, queued
     assert moved(before, after, f"{P}request_takeovers_total") == 0
+    assert after[(f"{P}key_requests_waiting", (("key", "shared"), ("model", MODEL)))] == 0
+    assert after[(f"{P}key_requests_running", (("key", "shared"), ("model", MODEL)))] == 0
     assert after[(f"{P}num_requests_waiting", (("model", MODEL),))] == 0
     assert after[(f"{P}num_requests_running", (("model", MODEL),))] == 0
     assert after[(f"{P}workers_online", (("model", MODEL),))] == 1

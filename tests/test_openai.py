@@ -120,7 +120,9 @@ def test_keys_and_a_full_queue_reach_the_sdk_as_its_own_errors(
                 stranger.models.list()
         with openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=5) as owner:
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "stream": True}
-            owner.chat.completions.create(**body).response.close()  # queued on a database no worker reads
+            # Queued on a database no worker reads (a stream the SDK closed would cancel its task).
+            queued = httpx.post(f"{url}/generate", json={"prompt": "Hi"}, headers={"Authorization": f"Bearer {key}"})
+            assert queued.status_code == 202
             with pytest.raises(openai.RateLimitError) as caught:
                 owner.chat.completions.create(**body)
     assert int(caught.value.response.headers["retry-after"]) > 0

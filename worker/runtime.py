@@ -14,7 +14,9 @@ import redis
 from core.protocol import HANDED_BACK, SUPERSEDED, GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
-from core.store import Published, Started, TaskStore
+from core.queue import Lanes
+from core.queue import Send as SendNew
+from core.store import LEASES_KEY, Published, Started, TaskStore
 from model_loader.contract import Engine, EngineBroken, EngineRestarted, Outcome, Resume
 from model_loader.factory import make_engine
 from model_loader.source import tokenizer_dir
@@ -22,6 +24,7 @@ from prompts import ChatFormatter, PromptTooLong, build_prompt, load_formatter
 from worker.cancels import CancelListener
 from worker.interruptions import Interruptions
 from worker.leases import Leases, Send
+from worker.releases import Releases
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,13 @@ class WorkerRuntime:
     store: TaskStore
     leases: Leases
     cancels: CancelListener
+    releases: Releases
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def start(cls, settings: Settings, send: Send) -> "WorkerRuntime":
+    def start(cls, settings: Settings, send: Send, send_new: SendNew) -> "WorkerRuntime":
         """Start the engine (and so load the model) once for this process. `send` queues a task
-        again (see `Leases`)."""
+        again (see `Leases`); `send_new` sends a task released from its lane (see `Releases`)."""
         engine = make_engine(settings)
         store = TaskStore(
             connect(settings, retry_s=settings.worker_redis_retry_s),
@@ -67,6 +71,7 @@ class WorkerRuntime:
             store=store,
             leases=Leases(store, settings.lease_renew_s, send, settings.generation_stall_s),
             cancels=CancelListener(store.redis),
+            releases=Releases(Lanes(store.redis, LEASES_KEY), send_new, settings.background_share),
         )
 
     def run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
@@ -110,6 +115,7 @@ class WorkerRuntime:
         finally:
             self.leases.let_go(task_id)
             self.cancels.forget(task_id)
+            self.releases.nudge()  # a slot is free: the next task need not wait for the tick
 
     def _attempt(self, task_id: str, request: GenerateRequest, worker: str, started: Started) -> None:
         """Go on from whatever earlier attempts published; an engine failure or this worker's stop

@@ -15,7 +15,8 @@ from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.settings import get_settings
 from model_loader.contract import EngineBroken
-from worker.celery_app import GENERATE_TASK, app, send_generate
+from core.queue import GENERATE_TASK, send_generate, sender
+from worker.celery_app import app
 from worker.heartbeat import Heartbeat
 from worker.runtime import HandBack, WorkerRuntime
 
@@ -29,7 +30,7 @@ class GenerationTask(Task):
 
     @cached_property
     def runtime(self) -> WorkerRuntime:
-        return WorkerRuntime.start(get_settings(), send=_send_on)
+        return WorkerRuntime.start(get_settings(), send=_send_on, send_new=sender(app))
 
 
 def _send_on(task_id: str, request: str) -> None:
@@ -82,7 +83,8 @@ def _load_model_at_start(**_: object) -> None:
 @worker_ready.connect
 def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     """Tell /health, through Redis, that this worker is up and whether its engine can generate;
-    renew this worker's leases and watch for lapsed ones; listen for cancels."""
+    renew this worker's leases and watch for lapsed ones; listen for cancels; release waiting
+    tasks as slots free."""
     runtime = generate.runtime
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     generate.heartbeat = Heartbeat(
@@ -92,6 +94,7 @@ def _start_heartbeat_and_leases(sender: object, **_: object) -> None:
     generate.heartbeat.start()
     runtime.leases.start()
     runtime.cancels.start()
+    runtime.releases.start()
 
 
 @worker_shutting_down.connect
@@ -107,4 +110,5 @@ def _stop(**_: object) -> None:
         generate.heartbeat.stop()
     generate.runtime.leases.stop()
     generate.runtime.cancels.stop()
+    generate.runtime.releases.stop()
     generate.runtime.engine.close()

@@ -26,7 +26,7 @@ from app.llamacpp.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import CLIENT_GONE, StreamBroken, final_view, texts_then_result, until_ended
+from app.streams import CLIENT_GONE, StreamBroken, admit_streaming, final_view, texts_then_result, until_ended
 from core.protocol import TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
@@ -37,9 +37,12 @@ STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word
 
 @router.post("/completion", response_model=CompletionResult)
 async def completion(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
-    task_id = await run_in_threadpool(admit, internal_request(_internal(body, services.settings)), services, caller)
+    internal = internal_request(_internal(body, services.settings))
+    task_id, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: run_in_threadpool(admit, internal, services, caller)
+    )
     if body.stream:
-        return sse_response(_pieces(services, task_id, body), {"X-Task-Id": task_id})
+        return sse_response(_pieces(services, task_id, body), {"X-Task-Id": task_id}, on_close)
     if not await until_ended(services, task_id, request.is_disconnected):
         return Response(status_code=CLIENT_GONE)
     try:

@@ -67,6 +67,10 @@ def first_set(request: BaseModel, options: type[BaseModel], neutral: dict[str, o
     return None
 
 
+# OpenAI's tiers; "flex" runs as background work (core.queue), behind interactive work.
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+
+
 class Sampling(Unsupported):
     """What Chat Completions and Completions share."""
 
@@ -82,6 +86,7 @@ class Sampling(Unsupported):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    service_tier: ServiceTier | None = None
     # Extras that vLLM and others accept beyond OpenAI's own.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)

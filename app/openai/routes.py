@@ -34,7 +34,7 @@ from app.openai.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import CLIENT_GONE, StreamBroken, final_view, texts_then_result, until_ended
+from app.streams import CLIENT_GONE, StreamBroken, admit_streaming, final_view, texts_then_result, until_ended
 from core.protocol import TaskView
 from model_loader.source import model_name
 
@@ -66,7 +66,9 @@ def get_model(model_id: str, services: ServicesDep) -> Model:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> Response:
-    task_id = await _admit(body, convert.chat_request(body), services, caller)
+    task_id, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: _admit(body, convert.chat_request(body), services, caller)
+    )
     answer_id, created = f"chatcmpl-{task_id}", convert.created_now()
 
     def chunk(delta: Delta, finish: str | None = None) -> str:
@@ -87,7 +89,7 @@ async def chat_completions(
             lambda view: chunk(Delta(), convert.finish_reason(view)),
             usage_chunk if include_usage else None,
         )
-        return sse_response(events, {"X-Task-Id": task_id})
+        return sse_response(events, {"X-Task-Id": task_id}, on_close)
     view = await _result(services, task_id, request)
     if view is None:
         return Response(status_code=CLIENT_GONE)
@@ -101,7 +103,9 @@ async def chat_completions(
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
-    task_id = await _admit(body, convert.completion_request(body), services, caller)
+    task_id, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: _admit(body, convert.completion_request(body), services, caller)
+    )
     answer_id, created = f"cmpl-{task_id}", convert.created_now()
 
     def answer(choices: list[CompletionChoice], view: TaskView | None = None) -> Completion:
@@ -118,7 +122,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
             lambda view: chunk("", convert.finish_reason(view)),
             (lambda view: answer([], view).model_dump_json()) if include_usage else None,
         )
-        return sse_response(events, {"X-Task-Id": task_id})
+        return sse_response(events, {"X-Task-Id": task_id}, on_close)
     view = await _result(services, task_id, request)
     if view is None:
         return Response(status_code=CLIENT_GONE)
@@ -129,7 +133,8 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
 async def _admit(body: Sampling, fields: dict[str, object], services: Services, caller: str | None) -> str:
     """Refuse what this family cannot honour, then the admission every door shares."""
     convert.check_supported(body, served_models(services))
-    return await run_in_threadpool(admit, internal_request(fields), services, caller)
+    background = body.service_tier == "flex"
+    return await run_in_threadpool(admit, internal_request(fields), services, caller, None, background)
 
 
 async def _result(services: Services, task_id: str, request: Request) -> TaskView | None:

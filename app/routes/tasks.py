@@ -17,8 +17,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.deps import ServicesDep
 from app.errors import task_not_found
 from app.queue import places, queue_place
-from app.security import VisibleTaskId
-from app.streams import follow
+from app.security import CallerTag, VisibleTaskId
+from app.streams import follow, hold_stream
 from core.protocol import CancelAccepted, ErrorBody, StreamedChunk, TaskStatus, TaskView
 from core.store import START_CURSOR, record_key
 
@@ -63,14 +63,24 @@ async def existing_task_id(task_id: VisibleTaskId, services: ServicesDep) -> str
     return task_id
 
 
+async def stream_place(services: ServicesDep, caller: CallerTag) -> AsyncIterator[None]:
+    """The stream's place among its key's open streams, held until the response has been sent."""
+    give_back = await hold_stream(services, caller)
+    try:
+        yield
+    finally:
+        await give_back()
+
+
 @router.get(
     "/task/{task_id}/events",
     response_class=EventSourceResponse,
-    responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    responses={404: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
 )
 async def task_events(
     task_id: Annotated[str, Depends(existing_task_id)],
     services: ServicesDep,
+    _: Annotated[None, Depends(stream_place)],
     after: Annotated[Cursor, Query(pattern=CURSOR_PATTERN, description="Start after this cursor.")] = START_CURSOR,
     last_event_id: Annotated[
         Cursor | None,

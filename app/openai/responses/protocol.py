@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.openai.protocol import first_set
+from app.openai.protocol import ServiceTier, first_set
 from core.protocol import Text
 
 # OpenAI's own bounds: what a record keeps for a day is bounded per request.
@@ -84,7 +84,7 @@ class ResponseCreateRequest(Unsupported):
     text: TextConfig | None = None
     user: str | None = Field(None, max_length=MAX_USER_CHARS)
     parallel_tool_calls: bool | None = None
-    service_tier: str | None = None
+    service_tier: ServiceTier | None = None
 
 
 class OutputText(BaseModel):

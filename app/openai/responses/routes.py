@@ -31,7 +31,7 @@ from app.openai.responses.protocol import (
 from app.openai.routes import served_models
 from app.security import CallerTag, visible_task_id
 from app.sse import sse_response
-from app.streams import CLIENT_GONE, follow, until_ended
+from app.streams import CLIENT_GONE, admit_streaming, follow, hold_stream, until_ended
 
 router = APIRouter()
 CANCEL_WAIT_S = 10.0
@@ -72,10 +72,15 @@ async def create_response(
     convert.check_supported(body, served_models(services))
     internal = internal_request(convert.internal_fields(body)).with_defaults(services.settings)
     settings = convert.settings_of(body, internal)
-    task_id = await run_in_threadpool(admit, internal, services, caller, settings.model_dump_json())
+    background = body.background or body.service_tier == "flex"
+    task_id, on_close = await admit_streaming(
+        services, caller, body.stream,
+        lambda: run_in_threadpool(admit, internal, services, caller, settings.model_dump_json(), background),
+    )
     headers = {"X-Task-Id": task_id}
     if body.stream:
-        return sse_response(_events(services, task_id, settings, -1, cancel_on_leave=not body.background), headers)
+        events = _events(services, task_id, settings, -1, cancel_on_leave=not body.background)
+        return sse_response(events, headers, on_close)
     if body.background:
         return JSONResponse(convert.response(task_id, settings, None).model_dump(), headers=headers)
     if not await until_ended(services, task_id, request.is_disconnected):
@@ -87,12 +92,14 @@ async def create_response(
 async def retrieve_response(
     stored: StoredResponse,
     services: ServicesDep,
+    caller: CallerTag,
     stream: bool = False,
     starting_after: Annotated[int, Query(ge=-1, description="Stream the events after this sequence number.")] = -1,
 ) -> HTTPResponse:
     if stream:
+        on_close = await hold_stream(services, caller)
         events = _events(services, stored.task_id, stored.settings, starting_after, cancel_on_leave=False)
-        return sse_response(events, {"X-Task-Id": stored.task_id})
+        return sse_response(events, {"X-Task-Id": stored.task_id}, on_close)
     return JSONResponse((await _current(services, stored.task_id, stored.settings)).model_dump())
 
 

@@ -1,0 +1,142 @@
+"""The fair lanes (`core.queue`) against a real redis-server: who is released next, in what share,
+and where a waiting task stands. Workers are stood in for by a heartbeat (their slots) and by the
+store's own start and finish, which is all the lanes see of them."""
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from core.heartbeats import Heartbeats
+from core.protocol import TaskStatus
+from core.queue import BACKGROUND, INTERACTIVE, RELEASED_KEY, Lanes
+from core.store import LEASES_KEY, TaskStore
+from core.tenants import Tenant
+
+pytestmark = pytest.mark.fast
+
+SHARE = 0.1
+
+
+def named(name: str, weight: float = 1.0, max_running: int = 0) -> Tenant:
+    return Tenant(name, weight, max_queued_tasks=1000, max_running=max_running, requests_per_minute=0, max_streams=10)
+
+
+@pytest.fixture
+def client(redis_server: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> TaskStore:
+    return TaskStore(client, ttl_s=600)
+
+
+@pytest.fixture
+def lanes(client: redis.Redis) -> Lanes:
+    return Lanes(client, LEASES_KEY)
+
+
+def slots(client: redis.Redis, count: int) -> None:
+    Heartbeats(client).beat("stand-in@test", ready=True, capabilities={"slots": count})
+
+
+def queue(store: TaskStore, lanes: Lanes, tenant: Tenant, count: int, task_class: str = INTERACTIVE) -> list[str]:
+    ids = []
+    for _ in range(count):
+        task_id = str(uuid.uuid4())
+        store.create(task_id)
+        lanes.enqueue(task_id, tenant, task_class, {"prompt": task_id})
+        ids.append(task_id)
+    return ids
+
+
+def run_one_at_a_time(store: TaskStore, lanes: Lanes, rounds: int) -> list[str]:
+    """With one slot: release, start and finish, `rounds` times; the ids in the order released."""
+    order: list[str] = []
+
+    def send(task_id: str, request: dict) -> None:
+        assert request == {"prompt": task_id}, "the request released is not the one queued"
+        order.append(task_id)
+
+    for _ in range(rounds):
+        assert lanes.release(send, SHARE) == 1
+        started = store.start(order[-1], "w", "{}")
+        assert started.attempt == 1
+        store.fail(order[-1], "done", started.attempt)
+    return order
+
+
+def test_a_backlog_does_not_hold_back_another_keys_next_task(store: TaskStore, lanes: Lanes, client: redis.Redis) -> None:
+    slots(client, 1)
+    heavy = queue(store, lanes, named("a"), 300)
+    (light,) = queue(store, lanes, named("b"), 1)
+    assert lanes.place(light, SHARE) == 1, "b's one task waits behind one of a's, not behind 300"
+    order = run_one_at_a_time(store, lanes, 4)
+    assert light in order[:2]
+    assert [task for task in order if task != light] == heavy[:3], "a's own tasks keep their order"
+
+
+def test_weights_share_the_slots(store: TaskStore, lanes: Lanes, client: redis.Redis) -> None:
+    slots(client, 1)
+    heavy = set(queue(store, lanes, named("a", weight=3), 100))
+    queue(store, lanes, named("b"), 100)
+    order = run_one_at_a_time(store, lanes, 40)
+    assert sum(task in heavy for task in order) == 30
+
+
+def test_background_waits_behind_interactive_but_keeps_its_share(
+    store: TaskStore, lanes: Lanes, client: redis.Redis
+) -> None:
+    slots(client, 1)
+    background = set(queue(store, lanes, named("a"), 20, BACKGROUND))
+    queue(store, lanes, named("a"), 100, INTERACTIVE)
+    order = run_one_at_a_time(store, lanes, 50)
+    assert sum(task in background for task in order) == 5  # BACKGROUND_SHARE of the releases, never none
+
+
+def test_an_idle_class_or_lane_banks_no_credit(store: TaskStore, lanes: Lanes, client: redis.Redis) -> None:
+    """Work that arrives after others ran alone gets its share from then on, not a catch-up burst."""
+    slots(client, 1)
+    queue(store, lanes, named("a"), 60)
+    run_one_at_a_time(store, lanes, 30)
+    late = set(queue(store, lanes, named("b"), 20) + queue(store, lanes, named("c"), 20, BACKGROUND))
+    order = run_one_at_a_time(store, lanes, 20)
+    counts = Counter(task in late for task in order)
+    assert 9 <= counts[True] <= 12, counts  # b's half of the interactive releases, plus c's tenth
+
+
+def test_a_key_at_its_running_cap_waits_and_frees_its_slots_to_others(
+    store: TaskStore, lanes: Lanes, client: redis.Redis
+) -> None:
+    slots(client, 4)
+    capped = named("a", max_running=1)
+    first, _ = queue(store, lanes, capped, 2)
+    others = queue(store, lanes, named("b"), 5)
+    sent: list[str] = []
+    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE) == 4
+    assert sent.count(first) == 1 and set(sent) - {first} <= set(others)
+    assert lanes.counts("a").running == 1 and lanes.counts("a").waiting == 1
+    started = store.start(first, "w", "{}")
+    store.fail(first, "done", started.attempt)
+    assert lanes.counts("a").running == 0
+
+
+def test_a_cancelled_task_leaves_its_lane_and_a_lost_release_is_sent_again(
+    store: TaskStore, lanes: Lanes, client: redis.Redis
+) -> None:
+    cancelled, kept = queue(store, lanes, named("a"), 2)
+    assert store.request_cancel(cancelled) == TaskStatus.queued
+    assert lanes.counts("a").waiting == 1 and lanes.place(kept, SHARE) == 0
+    slots(client, 1)
+    assert lanes.release(lambda *_: None, SHARE) == 1  # a sender that died: the message never went
+    client.zadd(RELEASED_KEY, {kept: 0})  # as if RESEND_AFTER_MS had passed
+    sent: list[str] = []
+    assert lanes.resend_overdue(lambda task_id, _: sent.append(task_id)) == 1 and sent == [kept]
+    assert lanes.resend_overdue(lambda task_id, _: sent.append(task_id)) == 0, "sent again before its time"
