@@ -26,7 +26,6 @@ a lane's pass. The store's scripts (`core.store`) take a task out of these as it
 """
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,6 +200,45 @@ end
 return out
 """
 
+# KEYS: record, released, Celery's takeover list. ARGV: task id, background share. A task's place:
+# released tasks and takeovers go first. A waiting task's lane is passed over by stride scheduling,
+# so the tasks of another lane of its class that go before it are those whose pass comes first
+# (a lane's tasks stand at its pass, its pass plus 1/weight, and so on); the other class adds its
+# share of as many releases. False once the task has started or ended.
+_PLACE_LUA = """
+local takeovers = redis.call('LLEN', KEYS[3])
+local released_rank = redis.call('ZRANK', KEYS[2], ARGV[1])
+if released_rank then return takeovers + released_rank end
+local tenant, class = redis.call('HGET', KEYS[1], 'lane'), redis.call('HGET', KEYS[1], 'class')
+if not tenant then return false end
+local rank = redis.call('ZRANK', 'queue:lane:' .. class .. ':' .. tenant, ARGV[1])
+if not rank then return false end
+local before = takeovers + redis.call('ZCARD', KEYS[2])
+local function weight(name)
+  local policy = redis.call('HGET', 'queue:policy', name)
+  return policy and tonumber(string.match(policy, '(%S+)')) or 1
+end
+local lanes = redis.call('ZRANGE', 'queue:lanes:' .. class, 0, -1, 'WITHSCORES')
+local own = redis.call('ZSCORE', 'queue:lanes:' .. class, tenant)
+if not own then return before + rank end
+local my_turn = tonumber(own) + rank / weight(tenant)
+local same = 0
+for i = 1, #lanes, 2 do
+  local pass = tonumber(lanes[i + 1])
+  if lanes[i] ~= tenant and pass <= my_turn then
+    local length = redis.call('ZCARD', 'queue:lane:' .. class .. ':' .. lanes[i])
+    same = same + math.min(length, math.floor((my_turn - pass) * weight(lanes[i])) + 1)
+  end
+end
+local other = class == 'interactive' and 'background' or 'interactive'
+local others = 0
+local other_lanes = redis.call('ZRANGE', 'queue:lanes:' .. other, 0, -1)
+for _, name in ipairs(other_lanes) do others = others + redis.call('ZCARD', 'queue:lane:' .. other .. ':' .. name) end
+local share = tonumber(ARGV[2])
+local ratio = class == 'interactive' and share / (1 - share) or (1 - share) / share
+return before + rank + same + math.min(others, math.floor((rank + same + 1) * ratio))
+"""
+
 Send = Callable[[str, dict], None]
 
 
@@ -221,6 +259,7 @@ class Lanes:
         self._enqueue = client.register_script(_ENQUEUE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._overdue = client.register_script(_OVERDUE_LUA)
+        self._place = client.register_script(_PLACE_LUA)
 
     def enqueue(self, task_id: str, tenant: Tenant, task_class: str, request: dict) -> None:
         """Put a recorded task in its lane (nothing, if it was cancelled meanwhile)."""
@@ -269,51 +308,10 @@ class Lanes:
         return sum(pipe.execute())
 
     def place(self, task_id: str, share: float) -> int | None:
-        """How many tasks will start before this one; None once it has started or ended.
-
-        Released tasks and takeovers go first. A waiting task's lane is passed over by stride
-        scheduling, so the tasks of another lane that go before it are those whose pass would
-        come first: each lane's tasks at its pass, its pass plus 1/weight, and so on.
-        """
-        tenant, task_class = (v.decode() if v else None for v in self.redis.hmget(f"task:{task_id}", "lane", "class"))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrank(RELEASED_KEY, task_id)
-        pipe.zcard(RELEASED_KEY)
-        pipe.llen(QUEUE)
-        pipe.zrank(lane_key(task_class or INTERACTIVE, tenant or ""), task_id)
-        released_rank, released, takeovers, rank = pipe.execute()
-        if released_rank is not None:
-            return takeovers + released_rank
-        if rank is None or tenant is None or task_class is None:
-            return None
-        mine = self._lanes(task_class)
-        if tenant not in mine:  # its lane emptied between the reads: it is being released
-            return released + takeovers + rank
-        weights = self._weights(list(mine))
-        own_pass, _ = mine[tenant]
-        my_turn = own_pass + rank / weights[tenant]
-        same_class = sum(
-            min(length, math.floor((my_turn - lane_pass) * weights[other]) + 1)
-            for other, (lane_pass, length) in mine.items()
-            if other != tenant and lane_pass <= my_turn
-        )
-        other_class = BACKGROUND if task_class == INTERACTIVE else INTERACTIVE
-        others = sum(length for _, length in self._lanes(other_class).values())
-        ratio = share / (1 - share) if task_class == INTERACTIVE else (1 - share) / share
-        ahead_in_class = rank + same_class
-        return released + takeovers + ahead_in_class + min(others, math.floor((ahead_in_class + 1) * ratio))
-
-    def _lanes(self, task_class: str) -> dict[str, tuple[float, int]]:
-        """The class's lanes with work: tenant -> (pass, tasks waiting)."""
-        lanes = [(t.decode(), p) for t, p in self.redis.zrange(lanes_key(task_class), 0, -1, withscores=True)]
-        pipe = self.redis.pipeline(transaction=False)
-        for tenant, _ in lanes:
-            pipe.zcard(lane_key(task_class, tenant))
-        return {tenant: (lane_pass, length) for (tenant, lane_pass), length in zip(lanes, pipe.execute())}
-
-    def _weights(self, tenants: list[str]) -> dict[str, float]:
-        policies = self.redis.hmget(POLICY_KEY, tenants) if tenants else []
-        return {t: float(p.split()[0]) if p else 1.0 for t, p in zip(tenants, policies)}
+        """How many tasks will start before this one; None once it has started or ended. One script,
+        whatever the lanes' lengths (see `_PLACE_LUA`)."""
+        ahead = self._place(keys=[f"task:{task_id}", RELEASED_KEY, QUEUE], args=[task_id, share])
+        return None if ahead is None else int(ahead)
 
 
 def _send_all(flat: list, send: Send) -> int:
