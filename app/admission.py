@@ -6,6 +6,7 @@ task is recorded, and the record before the message, so the API can tell unknown
 queued ones and a worker never meets a message without its record.
 """
 
+import json
 import uuid
 
 from fastapi import HTTPException
@@ -16,6 +17,7 @@ from app.deps import Services
 from app.errors import field_error
 from app.limits import (
     check_capabilities,
+    check_kept_bytes,
     check_message_count,
     check_prompt_chars,
     check_queue_room,
@@ -28,7 +30,7 @@ from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
 from prompts import ChatFormatter, PromptTooLong, build_prompt
 from core.queue import BACKGROUND, INTERACTIVE, sender
-from core.tenants import tenant
+from core.tenants import Tenant, tenant
 
 
 def admit(
@@ -58,7 +60,9 @@ def admit(
     except PromptTooLong as exc:
         raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
     check_queue_room(services, who)
-    return _enqueue(body, services, caller, annotation, BACKGROUND if background else INTERACTIVE)
+    request = body.model_dump(mode="json")
+    check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))
+    return _enqueue(request, services, caller, who, annotation, BACKGROUND if background else INTERACTIVE)
 
 
 def internal_request(fields: dict[str, object]) -> GenerateRequest:
@@ -87,7 +91,7 @@ def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None
 
 
 def _enqueue(
-    body: GenerateRequest, services: Services, caller: str | None, annotation: str | None, task_class: str
+    request: dict, services: Services, caller: str | None, who: Tenant, annotation: str | None, task_class: str
 ) -> str:
     """Record, put in its lane (where the record outlives a long queue), then release what the free
     slots take; a failed enqueue leaves nothing behind.
@@ -97,9 +101,8 @@ def _enqueue(
     """
     task_id = str(uuid.uuid4())
     services.store.create(task_id, owner=caller, annotation=annotation)
-    who = tenant(services.settings, caller)
     try:
-        services.lanes.enqueue(task_id, who, task_class, body.model_dump(mode="json"))
+        services.lanes.enqueue(task_id, who, task_class, request)
     except Exception:
         services.store.delete(task_id)
         raise

@@ -1,5 +1,5 @@
 """What the API refuses to take on: oversized prompts (422), options its live workers lack (422), and
-more than a key may ask (429): tasks waiting, requests a minute.
+more than a key may ask (429): tasks waiting, requests a minute, bytes kept.
 
 Each check runs before the expensive step it protects: the prompt limits before the prompt is
 tokenized, the key's limits before a task is recorded. (Oversized bodies are FastAPI's own
@@ -8,6 +8,7 @@ tokenized, the key's limits before a task is recorded. (Oversized bodies are Fas
 
 import math
 import time
+import uuid
 
 from fastapi import HTTPException
 
@@ -84,6 +85,42 @@ def check_rate(services: Services, who: Tenant) -> None:
         retry_after = math.ceil((window + 1) * RATE_WINDOW_S - now)
         raise too_many(f"key {who.name!r} has sent {who.requests_per_minute} requests this minute, its limit; "
                        f"retry in {retry_after} s", retry_after)
+
+
+# KEYS: the tenant's kept records (ZSET "<id>:<bytes>" -> admitted at, ms), their total. ARGV: now
+# (ms), the window (ms), this record's bytes, the budget, its member. Drops what left the window
+# (up to 256 at a time), then adds the record if the total stays within the budget. Returns
+# {1} when added, else {0, when the oldest record leaves the window (ms)}.
+_KEEP_LUA = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, 256)) do
+  redis.call('DECRBY', KEYS[2], tonumber(string.match(member, ':(%d+)$')))
+  redis.call('ZREM', KEYS[1], member)
+end
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+if total + tonumber(ARGV[3]) > tonumber(ARGV[4]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, oldest[2] and (tonumber(oldest[2]) + window) or now}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[5])
+redis.call('INCRBY', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('PEXPIRE', KEYS[2], window)
+return {1}
+"""
+
+
+def check_kept_bytes(services: Services, who: Tenant, size: int) -> None:
+    """429 when the records the key had kept within RESULT_TTL_S (what it sent: its requests and
+    what its family keeps with them, such as a response's metadata) would pass MAX_KEPT_BYTES."""
+    now_ms, window_ms = int(time.time() * 1000), services.settings.result_ttl_s * 1000
+    keys = [f"limits:kept:{who.name}", f"limits:kept_total:{who.name}"]
+    member = f"{uuid.uuid4().hex}:{size}"
+    found = services.redis.eval(_KEEP_LUA, 2, *keys, now_ms, window_ms, size, who.max_kept_bytes, member)
+    if not found[0]:
+        retry_after = max(1, math.ceil((int(found[1]) - now_ms) / 1000))
+        raise too_many(f"key {who.name!r} keeps {who.max_kept_bytes} bytes of records within "
+                       f"{services.settings.result_ttl_s} s, its limit; retry in {retry_after} s", retry_after)
 
 
 def too_many(detail: str, retry_after_s: int) -> HTTPException:

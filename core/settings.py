@@ -22,6 +22,7 @@ class KeyLimits(BaseModel):
     max_running: int | None = Field(None, ge=0)
     requests_per_minute: int | None = Field(None, ge=0)
     max_streams: int | None = Field(None, ge=1)
+    max_kept_bytes: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -142,6 +143,9 @@ class Settings(BaseSettings):
     max_running_per_key: int = Field(0, ge=0, description="Tasks of one key that run at once; 0 sets no cap.")
     requests_per_minute: int = Field(0, ge=0, description="Generation requests one key may send a minute; 0 sets no cap.")
     max_streams_per_key: int = Field(100, ge=1, description="Streams one key may hold open at once; more answer 429.")
+    max_kept_bytes_per_key: int = Field(
+        268_435_456, ge=1, description="Bytes of requests one key may have kept within RESULT_TTL_S; more answer 429."
+    )
     key_limits: dict[str, KeyLimits] = Field(
         {}, description='Per key name, JSON: {"team-a": {"weight": 3, "max_running": 4}}; unset fields take the defaults.'
     )

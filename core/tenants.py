@@ -21,6 +21,7 @@ class Tenant:
     max_running: int  # 0: no cap
     requests_per_minute: int  # 0: no cap
     max_streams: int
+    max_kept_bytes: int
 
 
 def owner_tag(key: str) -> str:
@@ -39,6 +40,7 @@ def tenant(settings: Settings, owner: str | None) -> Tenant:
         max_running=_either(own.max_running, settings.max_running_per_key),
         requests_per_minute=_either(own.requests_per_minute, settings.requests_per_minute),
         max_streams=_either(own.max_streams, settings.max_streams_per_key),
+        max_kept_bytes=_either(own.max_kept_bytes, settings.max_kept_bytes_per_key),
     )
 
 

@@ -4,10 +4,12 @@ Workers are stood in for by the heartbeat entries a live worker writes into Redi
 the API reads of them: whether one is ready, and what its engine can do.
 """
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -187,3 +189,28 @@ def test_the_docs_are_served_only_where_the_operator_says(redis_url: str, tokeni
     with app_with(redis_url, PUBLIC_DOCS="false") as client:
         for path in ("/docs", "/openapi.json", "/v1/docs", "/v1/openapi.json"):
             assert client.get(path).status_code == 404, path
+
+
+def test_a_keys_requests_a_minute_and_kept_bytes_are_its_own_limits(redis_url: str, tokenizer_dir: Path) -> None:
+    """Each refusal names the key's limit and says when to come back; the other key goes on."""
+    run = uuid.uuid4().hex[:8]  # names of their own, for counts of their own in this module's Redis
+    keys = {"a": f"a-{run}", "b": f"b-{run}"}
+    limits = {"REQUESTS_PER_MINUTE": "2", "MAX_KEPT_BYTES_PER_KEY": "2500"}
+    with app_with(redis_url, API_KEYS=",".join(f"{n}-{run}:{k}" for n, k in keys.items()), **limits) as api:
+
+        def send(name: str, chars: int) -> httpx.Response:
+            body = {"prompt": "x" * chars, "max_new_tokens": 1}
+            return api.post("/generate", json=body, headers={"Authorization": f"Bearer {keys[name]}"})
+
+        assert [send("a", 10).status_code for _ in range(2)] == [202, 202]
+        refused = send("a", 10)
+        assert refused.status_code == 429 and "requests this minute" in refused.json()["detail"]
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        assert send("b", 1000).status_code == 202, "a's rate refused b"
+
+        refused = send("b", 1500)  # 1,000 characters kept already: 2,500 bytes would be passed
+        assert refused.status_code == 429 and "bytes of records" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) > 0
+        waiting = [line for line in api.get("/metrics").text.splitlines()
+                   if line.startswith("queued_llama_key_requests_waiting{") and f'key="a-{run}"' in line]
+        assert len(waiting) == 1 and waiting[0].endswith(" 2.0"), waiting

@@ -21,7 +21,8 @@ SHARE = 0.1
 
 
 def named(name: str, weight: float = 1.0, max_running: int = 0) -> Tenant:
-    return Tenant(name, weight, max_queued_tasks=1000, max_running=max_running, requests_per_minute=0, max_streams=10)
+    return Tenant(name, weight, max_queued_tasks=1000, max_running=max_running, requests_per_minute=0, max_streams=10,
+                  max_kept_bytes=10**9)
 
 
 @pytest.fixture
