@@ -7,6 +7,7 @@ queued ones and a worker never meets a message without its record.
 """
 
 import json
+import logging
 import uuid
 
 from fastapi import HTTPException
@@ -31,6 +32,8 @@ from core.settings import Settings
 from prompts import ChatFormatter, PromptTooLong, build_prompt
 from core.queue import BACKGROUND, INTERACTIVE, sender
 from core.tenants import Tenant, tenant
+
+log = logging.getLogger(__name__)
 
 
 def admit(
@@ -107,7 +110,10 @@ def _enqueue(
         services.store.delete(task_id)
         raise
     metrics_admitted(services, who)
-    services.lanes.release(sender(services.celery), services.settings.background_share)
+    try:
+        services.lanes.release(sender(services.celery), services.settings.background_share)
+    except Exception:  # the task waits in its lane (or in `released`, to be sent again): it is accepted
+        log.warning("task %s: not released at admission; a worker's next scan releases it", task_id, exc_info=True)
     wanted = services.settings.redis_min_replicas
     if wanted and not replicated(services.redis, wanted, REPLICA_WAIT_MS):
         # The cancel keeps a queued task from running, unless it too is lost with the primary.

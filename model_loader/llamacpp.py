@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
+from httpx_sse import EventSource
 from tokenizers import Tokenizer
 
 from core.settings import Settings
@@ -105,10 +106,8 @@ class LlamaCppEngine(ServedEngine):
                 if response.status_code != 200:
                     raise RuntimeError(f"llama-server refused the request: {response.read().decode(errors='replace')}")
                 seen = 0
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    event = json.loads(line[6:])
+                for sse in EventSource(response).iter_sse():  # see served.py: lines end at CR or LF only
+                    event = json.loads(sse.data)
                     if "error" in event:
                         raise RuntimeError(f"llama-server: {event['error']}")
                     tokens = self._with_held_tokens(event, seen)

@@ -3,6 +3,9 @@
 Both take a prompt as token ids and stream the answer's ids back; the worker decodes them through
 the same `TokenSink` as every engine, which owns stop strings, hold-back and interruptions. Each
 server engine says only how it streams one answer (`_stream`), decodes ids and tells its memory.
+Both stream Server-Sent Events, read with httpx-sse, whose lines end only at CR or LF as SSE's
+do: httpx's own `iter_lines` also ends one at U+2028, U+0085 and the like, which a server's JSON
+carries unescaped whenever the model writes one, and would cut an event in two.
 """
 
 import httpx

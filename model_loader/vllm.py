@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
+from httpx_sse import EventSource
 import psutil
 from tokenizers import Tokenizer
 
@@ -150,10 +151,10 @@ class VllmEngine(ServedEngine):
             with self._client.stream("POST", self.server.url + "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     self._failed(response.read().decode(errors="replace"), restarts)
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue  # blank lines, and the closing "data: [DONE]"
-                    event = json.loads(line[6:])
+                for sse in EventSource(response).iter_sse():  # see served.py: lines end at CR or LF only
+                    if not sse.data.startswith("{"):
+                        continue  # the closing "data: [DONE]"
+                    event = json.loads(sse.data)
                     if "error" in event:
                         self._failed(str(event["error"].get("message", event["error"])), restarts)
                     choice = event["choices"][0]

@@ -87,6 +87,16 @@ def test_chunks_and_their_token_ids_add_up_to_the_answer(engine: Engine, tokeniz
     assert outcome.memory.weight_bytes > 0 and outcome.memory.peak_bytes > 0
 
 
+def test_line_separators_in_the_answer_reach_it_whole(engine: Engine, tokenizer_dir: Path) -> None:
+    """U+2028 travels unescaped in a server's JSON; a reader that ends lines at it (httpx's
+    `iter_lines`) cut events in two. A raw prompt of it, which this model goes on repeating."""
+    ids = build_prompt(load_formatter(tokenizer_dir, "auto", engine.name),
+                       GenerateRequest(prompt="Line\u2028" * 30, raw=True), "", 2048).input_ids
+    chunks = Recorder()
+    outcome = engine.generate(ids, greedy(16), chunks)
+    assert "\u2028" in outcome.text and "".join(chunks.texts) == outcome.text, repr(outcome.text)
+
+
 def test_a_stop_string_across_chunks_ends_the_answer_before_it(engine: Engine, tokenizer_dir: Path) -> None:
     ids = prompt(engine, STORY, tokenizer_dir)
     whole = engine.generate(ids, greedy(48), Recorder())

@@ -146,7 +146,8 @@ def test_many_streams_at_once_are_all_served(
 ) -> None:
     """Each open stream holds a connection to Redis: redis-py's default pool of 100 answered the
     101st with a 503. 150 streams wait on queued tasks, then each ends with its task's cancel."""
-    overrides = {"REDIS_URL": redis_server.rsplit("/", 1)[0] + "/5", "MAX_QUEUED_TASKS": "1000"}
+    overrides = {"REDIS_URL": redis_server.rsplit("/", 1)[0] + "/5", "MAX_QUEUED_TASKS": "1000",
+                 "MAX_STREAMS_PER_KEY": str(STREAMS)}
     with extra_api(stack_env, tmp_path_factory.mktemp("many_streams"), overrides) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             task_ids = [submit(client, prompt="Hi", max_new_tokens=1) for _ in range(STREAMS)]

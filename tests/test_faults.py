@@ -92,7 +92,8 @@ def test_time_limit_ends_a_task_with_its_partial_text(client: httpx.Client) -> N
     final, seen = poll_until_finished(client, submit(client, prompt=STORY, temperature=0, max_new_tokens=1000))
     assert final.status == TaskStatus.succeeded and final.finish_reason == "timeout"
     assert final.text and "".join(c.text for v in seen for c in v.chunks) == final.text
-    assert final.timings and TIME_LIMIT_S <= final.timings.generation_s < TIME_LIMIT_S + 5
+    # The deadline is set as the attempt starts, generation_s a moment later: it may fall short by that.
+    assert final.timings and TIME_LIMIT_S - 0.1 <= final.timings.generation_s < TIME_LIMIT_S + 5
 
 
 def send_raw(stack: Stack, task_id: str, payload: dict) -> None:
