@@ -1,13 +1,14 @@
 """Fair shares under load: two keys at 10:1 offered load on one stack, each key's share of the
-tokens generated and the light key's time to first token, against the light key running alone.
+tokens against its fair share, and the light key's time to first token against it running alone.
 
 One redis-server, one worker of WORKER_CONCURRENCY=2 (llama.cpp, the default engine) and the API,
-with `API_KEYS=heavy:…,light:…`. The heavy key keeps 10 streams busy (each sends its next task as
-its last ends), the light key one; with fair shares each key gets half the slots while both have
-work, so the light key's share of the tokens is 1/2 whatever the heavy key offers, and its first
-token waits at most about one generation for a slot. `--seconds` per phase: alone, loaded, and
-loaded with the light client sending under the heavy key (one lane, first come first served: the
-queue as it was before lanes), side by side in one run.
+with `API_KEYS=heavy:…,light:…`; every task a chat stream of 64 tokens. The heavy key keeps 10
+clients busy, each sending its next task as its last ends: it offers as much as the fleet can take.
+The light key sends a task every `--every` seconds whatever happens (open loop), about a tenth of
+what the fleet serves. A key's fair share (max-min) is what it offers, up to half the tokens
+served; the heavy key's is the rest. Three phases of `--seconds` in one run: the light key alone,
+both keys on their own lanes, and both in one lane (the light key's tasks sent under the heavy key:
+first come first served, the queue as it was before lanes).
 """
 
 import argparse
@@ -17,6 +18,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -25,92 +27,109 @@ from bench.table import print_table
 from devstack.processes import Stack
 
 KEYS = {"heavy": "bench-heavy-key", "light": "bench-light-key"}
-BODY = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}], "max_tokens": 64,
-        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+TOKENS = 64
+BODY = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "max_tokens": TOKENS, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+HEAVY_CLIENTS = 10
 
 
-def one_task(client: httpx.Client, model: str) -> tuple[float, int]:
-    """Send one chat task as a stream; its time to first token (from sending) and its tokens."""
-    sent = time.perf_counter()
-    first = None
-    tokens = 0
-    with client.stream("POST", "/v1/chat/completions", json=BODY | {"model": model}) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
-                first = time.perf_counter() - sent
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return first if first is not None else time.perf_counter() - sent, tokens
+@dataclass
+class Served:
+    """One key's tasks in a phase: each one's time to first token and tokens."""
+
+    ttft_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    offered: int = 0  # tasks sent
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def one_task(self, url: str, key: str) -> None:
+        with self.lock:
+            self.offered += 1
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
+            sent = time.perf_counter()
+            first, tokens = None, 0
+            with client.stream("POST", "/v1/chat/completions", json=BODY | {"model": model(client)}) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                        first = time.perf_counter() - sent
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+        with self.lock:
+            self.ttft_s.append(first if first is not None else time.perf_counter() - sent)
+            self.tokens += tokens
 
 
-def run_streams(url: str, key: str, streams: int, until: float, out: list[tuple[float, int]]) -> list[threading.Thread]:
-    """`streams` clients of `key`, each sending its next task as soon as its last one ends."""
+def model(client: httpx.Client) -> str:
+    return client.get("/v1/models").json()["data"][0]["id"]
 
-    def loop() -> None:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
-            model = client.get("/v1/models").json()["data"][0]["id"]
-            while time.monotonic() < until:
-                out.append(one_task(client, model))
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(streams)]
+def phase(url: str, seconds: float, every_s: float, heavy_clients: int, light_key: str) -> tuple[Served, Served]:
+    """The heavy key's closed loop and the light key's open loop for `seconds`; then every task
+    sent is waited for, so each counts whole."""
+    until = time.monotonic() + seconds
+    heavy, light = Served(), Served()
+
+    def heavy_loop() -> None:
+        while time.monotonic() < until:
+            heavy.one_task(url, KEYS["heavy"])
+
+    threads = [threading.Thread(target=heavy_loop) for _ in range(heavy_clients)]
     for thread in threads:
         thread.start()
-    return threads
-
-
-def phase(url: str, seconds: float, heavy_streams: int, light_key: str = KEYS["light"]) -> tuple[list, list]:
-    """The heavy key's and the light one's (TTFT, tokens) per task, over `seconds`."""
-    until = time.monotonic() + seconds
-    heavy: list[tuple[float, int]] = []
-    light: list[tuple[float, int]] = []
-    threads = run_streams(url, KEYS["heavy"], heavy_streams, until, heavy)
-    threads += run_streams(url, light_key, 1, until, light)
+    next_at = time.monotonic()
+    while next_at < until:
+        thread = threading.Thread(target=light.one_task, args=(url, light_key))
+        thread.start()
+        threads.append(thread)
+        next_at += every_s
+        time.sleep(max(0.0, next_at - time.monotonic()))
     for thread in threads:
         thread.join()
     return heavy, light
 
 
 def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1] if len(values) >= 2 else values[0]
+    return statistics.quantiles(values, n=20)[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--every", type=float, default=3.0, help="seconds between the light key's tasks")
     options = parser.parse_args()
     stack = Stack(Path(tempfile.mkdtemp(prefix="bench-fairness-")), dict(os.environ),
                   API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()), WORKER_CONCURRENCY="2")
     try:
         stack.up()
-        phase(stack.url, 5, 0)  # warm-up
-        _, alone = phase(stack.url, options.seconds, 0)
-        heavy, light = phase(stack.url, options.seconds, 10)
-        # The light client sending with the heavy key: one lane, first come first served, as before lanes.
-        fifo_heavy, fifo_light = phase(stack.url, options.seconds, 10, light_key=KEYS["heavy"])
+        phase(stack.url, 5, 1.0, 0, KEYS["light"])  # warm-up
+        _, alone = phase(stack.url, options.seconds, options.every, 0, KEYS["light"])
+        results = {
+            "fair lanes": phase(stack.url, options.seconds, options.every, HEAVY_CLIENTS, KEYS["light"]),
+            "one FIFO lane": phase(stack.url, options.seconds, options.every, HEAVY_CLIENTS, KEYS["heavy"]),
+        }
     finally:
         stack.down()
-    rows = [("light key alone: tasks", len(alone)),
-            ("light key alone: tokens per task", statistics.mean(t for _, t in alone)),
-            ("light key alone: TTFT p50 (s)", statistics.median(s for s, _ in alone)),
-            ("light key alone: TTFT p95 (s)", p95([s for s, _ in alone]))]
-    for label, (h, l) in [("fair lanes", (heavy, light)), ("one FIFO lane", (fifo_heavy, fifo_light))]:
+    rows = [("light key alone: tasks", alone.offered),
+            ("light key alone: TTFT p50 (s)", statistics.median(alone.ttft_s)),
+            ("light key alone: TTFT p95 (s)", p95(alone.ttft_s))]
+    for label, (heavy, light) in results.items():
+        served = heavy.tokens + light.tokens
+        light_fair = min(light.offered * TOKENS, served / 2)
         rows += [
-            (f"{label}: light's share of the tokens (fair: 0.5 of 2 slots)", share(h, l)),
-            (f"{label}: light's tasks / alone", len(l) / len(alone)),
-            (f"{label}: light TTFT p50 (s)", statistics.median(s for s, _ in l)),
-            (f"{label}: light TTFT p95 (s)", p95([s for s, _ in l])),
-            (f"{label}: light TTFT p95 / alone", p95([s for s, _ in l]) / p95([s for s, _ in alone])),
+            (f"{label}: tokens served, both keys", served),
+            (f"{label}: light's share of them", light.tokens / served),
+            (f"{label}: light's fair share", light_fair / served),
+            (f"{label}: light's share / fair", light.tokens / light_fair),
+            (f"{label}: heavy's share / fair", heavy.tokens / (served - light_fair)),
+            (f"{label}: light TTFT p50 (s)", statistics.median(light.ttft_s)),
+            (f"{label}: light TTFT p95 (s)", p95(light.ttft_s)),
+            (f"{label}: light TTFT p95 / alone", p95(light.ttft_s) / p95(alone.ttft_s)),
         ]
-    print_table(f"{os.uname().nodename}: 1 worker x 2 slots, {options.seconds:.0f} s per phase, "
-                "10 heavy streams : 1 light", rows)
-
-
-def share(heavy: list[tuple[float, int]], light: list[tuple[float, int]]) -> float:
-    light_tokens = sum(t for _, t in light)
-    return light_tokens / max(1, light_tokens + sum(t for _, t in heavy))
+    print_table(f"{os.uname().nodename}: 1 worker x 2 slots, {options.seconds:.0f} s per phase, {HEAVY_CLIENTS} heavy "
+                f"clients in a closed loop, a light task every {options.every} s", rows)
 
 
 if __name__ == "__main__":
