@@ -127,7 +127,11 @@ class LlamaCppEngine(ServedEngine):
         """The event's tokens, preceded by those llama-server held back inside a UTF-8 character and
         left out of `tokens` (model_loader/token_bytes.py): without them the text would be wrong and
         a takeover would go on from the wrong ids. An answer cut inside a character leaves its last
-        bytes unsent, and their tokens with them."""
+        bytes unsent, and their tokens with them.
+
+        Bytes that never become a character (a model writing invalid UTF-8) reach the event as
+        U+FFFD, and no tokens' bytes fit it: then the event's text, encoded again, stands in for
+        its tokens, so that the answer reads as the server sent it rather than failing."""
         tokens = list(event.get("tokens") or ())
         held = event.get("tokens_predicted", seen + len(tokens)) - seen - len(tokens)
         if held <= 0 or not tokens:
@@ -136,7 +140,9 @@ class LlamaCppEngine(ServedEngine):
         last = b"".join(self._held.bytes_of[token] for token in tokens)
         recovered = self._held.recover(text[: len(text) - len(last)], held) if text.endswith(last) else None
         if recovered is None:
-            raise RuntimeError(f"llama-server left {held} token(s) of {event.get('content')!r} unnamed, and no tokens fit")
+            log.warning("llama-server left %d token(s) of %r unnamed and no tokens fit; its text encoded again "
+                        "stands in for them", held, event.get("content"))
+            return self._tokenizer.encode(event.get("content", ""), add_special_tokens=False).ids
         return recovered + tokens
 
     def _learn_eos(self, event: dict, sink: TokenSink) -> None:

@@ -97,6 +97,17 @@ def test_line_separators_in_the_answer_reach_it_whole(engine: Engine, tokenizer_
     assert "\u2028" in outcome.text and "".join(chunks.texts) == outcome.text, repr(outcome.text)
 
 
+def test_an_answer_of_bytes_that_are_not_utf8_ends_as_the_text_streamed(engine: Engine, tokenizer_dir: Path) -> None:
+    """Prompted with U+0085, this model writes bytes that never become a character: llama-server
+    names no tokens for them, and the answer still ends, read as the server sent it."""
+    ids = build_prompt(load_formatter(tokenizer_dir, "auto", engine.name),
+                       GenerateRequest(prompt="Line\x85" * 30, raw=True), "", 2048).input_ids
+    chunks = Recorder()
+    outcome = engine.generate(ids, greedy(16), chunks)
+    assert outcome.text and "".join(chunks.texts) == outcome.text, repr(outcome.text)
+    assert Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).decode(chunks.ids) == outcome.text
+
+
 def test_a_stop_string_across_chunks_ends_the_answer_before_it(engine: Engine, tokenizer_dir: Path) -> None:
     ids = prompt(engine, STORY, tokenizer_dir)
     whole = engine.generate(ids, greedy(48), Recorder())
