@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         names = {}
         for item in _split(self.api_keys.get_secret_value()):
             name, _, key = item.partition(":")
-            if not key:
+            if not key or not name:
                 name, key = f"key-{hashlib.sha256(item.encode()).hexdigest()[:8]}", item
             names[key] = name
         return names
