@@ -23,8 +23,8 @@ from app.limits import (
     check_prompt_chars,
     check_queue_room,
     check_rate,
-    metrics_admitted,
 )
+from app.metrics import count_admitted
 from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.redis_client import REPLICA_WAIT_MS, replicated
@@ -109,7 +109,7 @@ def _enqueue(
     except Exception:
         services.store.delete(task_id)
         raise
-    metrics_admitted(services, who)
+    count_admitted(services, who.name)
     try:
         services.lanes.release(sender(services.celery), services.settings.background_share)
     except Exception:  # the task waits in its lane (or in `released`, to be sent again): it is accepted

@@ -14,11 +14,9 @@ from fastapi import HTTPException
 
 from app.deps import Services
 from app.errors import field_error
-from core import metrics
 from core.heartbeats import WorkerState
 from core.protocol import GenerateRequest
 from core.tenants import SHARED, Tenant
-from model_loader.source import model_name
 
 QUEUE_FULL_RETRY_AFTER_S = 5
 # Requests per minute are counted in fixed windows of a minute, one key per tenant and minute.
@@ -125,7 +123,3 @@ def check_kept_bytes(services: Services, who: Tenant, size: int) -> None:
 
 def too_many(detail: str, retry_after_s: int) -> HTTPException:
     return HTTPException(status_code=429, detail=detail, headers={"Retry-After": str(retry_after_s)})
-
-
-def metrics_admitted(services: Services, who: Tenant) -> None:
-    services.redis.hincrbyfloat(metrics.KEY, metrics.admitted(model_name(services.settings), who.name), 1)

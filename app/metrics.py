@@ -131,6 +131,10 @@ class CountRejections:
         await self.app(scope, receive, counting)
 
 
+def count_admitted(services: Services, key: str) -> None:
+    services.redis.hincrbyfloat(metrics.KEY, metrics.admitted(model_name(services.settings), key), 1)
+
+
 async def _count(scope: Scope, name: str, status: int) -> None:
     services: Services = scope["app"].state.services
     try:

@@ -202,19 +202,23 @@ class Settings(BaseSettings):
 
     @property
     def api_key_names(self) -> dict[str, str]:
-        """Each key and the name its lane and metrics go by: the part before its first ':', or, for a
-        bare key, a short hash of it (so that no secret is ever a label)."""
-        names = {}
-        for item in _split(self.api_keys.get_secret_value()):
-            name, _, key = item.partition(":")
-            if not key or not name:
-                name, key = f"key-{hashlib.sha256(item.encode()).hexdigest()[:8]}", item
-            names[key] = name
-        return names
+        return api_key_names(self.api_keys.get_secret_value())
 
     @property
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)
+
+
+def api_key_names(api_keys: str) -> dict[str, str]:
+    """API_KEYS as each key and the name its lane and metrics go by: the part before its first ':',
+    or, for a bare key, a short hash of it (so that no secret is ever a label)."""
+    names = {}
+    for item in _split(api_keys):
+        name, _, key = item.partition(":")
+        if not key or not name:
+            name, key = f"key-{hashlib.sha256(item.encode()).hexdigest()[:8]}", item
+        names[key] = name
+    return names
 
 
 def _split(value: str) -> list[str]:

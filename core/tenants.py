@@ -7,8 +7,9 @@ is one tenant, `shared`, with the defaults.
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
-from core.settings import KeyLimits, Settings
+from core.settings import KeyLimits, Settings, api_key_names
 
 SHARED = "shared"
 
@@ -45,7 +46,13 @@ def tenant(settings: Settings, owner: str | None) -> Tenant:
 
 
 def _names(settings: Settings) -> dict[str, str]:
-    return {owner_tag(key): name for key, name in settings.api_key_names.items()}
+    return _names_of(settings.api_keys.get_secret_value())
+
+
+@lru_cache(maxsize=4)
+def _names_of(api_keys: str) -> dict[str, str]:
+    """Owner tag -> name, hashed once per API_KEYS rather than on every request."""
+    return {owner_tag(key): name for key, name in api_key_names(api_keys).items()}
 
 
 def _either(own: int | None, default: int) -> int:

@@ -8,6 +8,8 @@ do: httpx's own `iter_lines` also ends one at U+2028, U+0085 and the like, which
 carries unescaped whenever the model writes one, and would cut an event in two.
 """
 
+from abc import ABC, abstractmethod
+
 import httpx
 
 from model_loader.contract import EngineMemory, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
@@ -16,7 +18,7 @@ from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
 
 
-class ServedEngine:
+class ServedEngine(ABC):
     server: EngineServer
     flush: FlushPolicy
     _client: httpx.Client
@@ -46,11 +48,12 @@ class ServedEngine:
         self._client.close()
         self.server.stop()
 
+    @abstractmethod
     def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
-        raise NotImplementedError
+        """Stream one answer's ids from the server into `sink`, until it ends or the sink says stop."""
 
-    def _decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
 
-    def _memory(self) -> EngineMemory:
-        raise NotImplementedError
+    @abstractmethod
+    def _memory(self) -> EngineMemory: ...

@@ -70,6 +70,16 @@ def redis_server(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
     process.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of the module's own, which no worker of the session reads or writes."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = start_redis(url, tmp_path_factory.mktemp("private-redis"))
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
 def start_worker(env: dict[str, str], logs: Path, name: str = "worker") -> subprocess.Popen:
     return spawn(name, worker_command(name), env, logs)
 

@@ -16,8 +16,6 @@ from fastapi.testclient import TestClient
 
 from core.heartbeats import Heartbeats
 from core.settings import get_settings
-from devstack.processes import free_port
-from devstack.redis_server import start_redis
 from model_loader.contract import Capabilities
 from tests.conftest import MODEL_CACHE
 
@@ -25,12 +23,8 @@ pytestmark = pytest.mark.fast
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    process = start_redis(url, tmp_path_factory.mktemp("inprocess-redis"))
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+def redis_url(private_redis: str) -> str:
+    return private_redis
 
 
 @contextmanager

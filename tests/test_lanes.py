@@ -14,8 +14,6 @@ from core.protocol import TaskStatus
 from core.queue import BACKGROUND, INTERACTIVE, RELEASED_KEY, Lanes
 from core.store import LEASES_KEY, TaskStore
 from core.tenants import Tenant
-from devstack.processes import free_port
-from devstack.redis_server import start_redis
 
 pytestmark = pytest.mark.fast
 
@@ -27,19 +25,10 @@ def named(name: str, weight: float = 1.0, max_running: int = 0) -> Tenant:
                   max_kept_bytes=10**9)
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server of its own: no live worker releases from these lanes or adds its slots."""
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    process = start_redis(url, tmp_path_factory.mktemp("lanes-redis"))
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
-
-
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def client(private_redis: str) -> Iterator[redis.Redis]:
+    """On a redis-server of its own: no live worker releases from these lanes or adds its slots."""
+    client = redis.Redis.from_url(private_redis)
     client.flushdb()
     yield client
     client.close()
