@@ -35,7 +35,7 @@ def _estimated_start_s(services: Services, ahead: int) -> float | None:
     slots = sum(worker.slots for worker in Heartbeats(services.redis).live() if worker.ready)
     if not recent or not slots:
         return None
-    return round((math.floor(ahead / slots) + 1) * statistics.median(recent), 1)
+    return math.ceil((math.floor(ahead / slots) + 1) * statistics.median(recent) * 10) / 10  # up: never 0 s
 
 
 async def places(services: Services, task_id: str) -> AsyncIterator[QueuePlace]:
