@@ -8,6 +8,7 @@ queued ones and a worker never meets a message without its record.
 
 import json
 import logging
+import secrets
 import uuid
 
 from fastapi import HTTPException
@@ -49,7 +50,7 @@ def admit(
     who = tenant(settings, caller)
     check_rate(services, who)
     check_capabilities(body, Heartbeats(services.redis).live())
-    body = body.with_defaults(settings)
+    body = _seeded(body.with_defaults(settings))
     max_new_tokens = body.max_new_tokens or settings.default_max_new_tokens
     if max_new_tokens > settings.max_new_tokens_limit:
         raise field_error(
@@ -66,6 +67,14 @@ def admit(
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))
     return _enqueue(request, services, caller, who, annotation, BACKGROUND if background else INTERACTIVE)
+
+
+def _seeded(body: GenerateRequest) -> GenerateRequest:
+    """A constrained answer always has a seed: an engine whose grammar cannot start mid-answer (vLLM's)
+    takes it up by generating it again from the prompt, and only the same seed makes the same answer."""
+    if body.constrained and body.seed is None:
+        return body.model_copy(update={"seed": secrets.randbelow(2**63)})
+    return body
 
 
 def internal_request(fields: dict[str, object]) -> GenerateRequest:

@@ -30,14 +30,21 @@ def check_message_count(body: GenerateRequest, limit: int) -> None:
 
 
 # A request option and the capability a worker's engine must report for it.
-OPTION_CAPABILITIES = {"seed": "seed", "repetition_penalty": "repetition_penalty"}
+OPTION_CAPABILITIES = {
+    "seed": "seed", "repetition_penalty": "repetition_penalty", "json_schema": "grammar", "grammar": "grammar",
+}
 
 
 def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> None:
     """Refuse an option some live worker's engine cannot honour, since any of them may take the task
-    (transformers batching has no per-request seed or repetition penalty). With no worker live,
+    (transformers batching has no per-request seed, repetition penalty or grammar). With no worker live,
     nothing is known, and the task waits for one."""
-    used = {"seed": body.seed is not None, "repetition_penalty": body.repetition_penalty not in (None, 1.0)}
+    used = {
+        "seed": body.seed is not None,
+        "repetition_penalty": body.repetition_penalty not in (None, 1.0),
+        "json_schema": body.json_schema is not None,
+        "grammar": body.grammar is not None,
+    }
     for option, capability in OPTION_CAPABILITIES.items():
         lacking = [w for w in workers if used[option] and w.capabilities.get(capability) is False]
         if lacking:

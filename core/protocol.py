@@ -4,12 +4,14 @@ Limits that do not depend on settings live in the types; the configured ones (ma
 context window) are checked by the API against the settings.
 """
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from core.constraints import gbnf_error, schema_error
 from core.settings import Settings
 
 
@@ -79,6 +81,10 @@ class GenerateRequest(BaseModel):
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The answer is JSON valid against this schema ({} is any JSON object), by constrained decoding."
+    )
+    grammar: str | None = Field(None, min_length=1, description="The answer matches this GBNF grammar (llama.cpp's).")
 
     @field_validator("prompt")
     @classmethod
@@ -115,6 +121,26 @@ class GenerateRequest(BaseModel):
             )
         return stop
 
+    @field_validator("json_schema")
+    @classmethod
+    def _compiles(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None and (error := schema_error(schema)):
+            raise ValueError(f"the schema cannot constrain an answer: {error}")
+        return schema
+
+    @field_validator("grammar")
+    @classmethod
+    def _parses(cls, grammar: str | None, info: ValidationInfo) -> str | None:
+        if grammar is not None and info.data.get("json_schema") is not None:
+            raise ValueError("give at most one of 'json_schema' or 'grammar'")
+        if grammar is not None and (error := gbnf_error(grammar)):
+            raise ValueError(f"the grammar cannot constrain an answer: {error}")
+        return grammar
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.grammar is not None
+
     def conversation(self) -> list[ChatMessage]:
         """The request as messages, whichever way it was given."""
         if self.messages is not None:
@@ -140,6 +166,8 @@ class GenerateRequest(BaseModel):
             repetition_penalty=full.repetition_penalty,  # type: ignore[arg-type]
             seed=full.seed,
             stop=tuple(full.stop),
+            json_schema=None if full.json_schema is None else json.dumps(full.json_schema),
+            grammar=full.grammar,
         )
 
 
@@ -154,6 +182,12 @@ class SamplingParams:
     repetition_penalty: float
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None  # the schema as JSON text (hashable, and what a server is sent)
+    grammar: str | None = None  # GBNF
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.grammar is not None
 
 
 def sampling_defaults(settings: Settings) -> dict[str, float | int]:

@@ -37,6 +37,7 @@ class Capabilities:
     context_tokens: int  # most tokens (prompt and answer) one generation may hold
     seed: bool  # a seed per request, reproducible whatever else runs beside it
     repetition_penalty: bool
+    grammar: bool  # decoding constrained by a JSON schema or a GBNF grammar, resumable after a takeover
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

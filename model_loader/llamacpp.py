@@ -86,7 +86,8 @@ class LlamaCppEngine(ServedEngine):
         self._held = HeldTokens(self._tokenizer)
         context = settings.usable_context(context_window(folder, settings.context_window))
         self.capabilities = Capabilities(
-            engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True
+            engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
+            grammar=True,
         )
         self.server = EngineServer(
             "llama-server", self._command, "/health", settings.engine_start_timeout_s, port=settings.engine_port
@@ -97,12 +98,17 @@ class LlamaCppEngine(ServedEngine):
     def _command(self, port: int) -> list[str]:
         return llama_server_command(self._settings, self._settings.worker_slots, port)
 
-    def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
+    def _stream(
+        self, prompt: list[int], answer: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink
+    ) -> None:
         """Feed each streamed token to the sink until the server ends the answer or the sink says stop."""
         if self.server.restart_if_dead():
             log.warning("llama-server had died between tasks; started afresh")
+        body = _body(prompt + answer, params, max_new_tokens)
+        if params.constrained and answer:
+            body |= _grammar_goes_on(self._decode(answer), params)
         try:
-            with self._client.stream("POST", self.server.url + "/completion", json=_body(ids, params, max_new_tokens)) as response:
+            with self._client.stream("POST", self.server.url + "/completion", json=body) as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"llama-server refused the request: {response.read().decode(errors='replace')}")
                 seen = 0
@@ -190,4 +196,16 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int) -> dict[s
         body |= {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
     if params.seed is not None:
         body["seed"] = params.seed % SEED_MODULUS
+    if params.json_schema is not None:
+        body["json_schema"] = json.loads(params.json_schema)
+    elif params.grammar is not None:
+        body["grammar"] = params.grammar
     return body
+
+
+def _grammar_goes_on(text: str, params: SamplingParams) -> dict[str, object]:
+    """A grammar takes up an answer begun by another attempt from that answer's text: llama-server feeds
+    its `generation_prompt` to the grammar before sampling (as it does for text its chat templates put
+    after the prompt). It does so only for grammars it made itself, from a schema or for tool calls, so
+    a GBNF grammar goes as a tool-call grammar, which changes nothing else on `/completion`."""
+    return {"generation_prompt": text} | ({"grammar_type": "tool_calls"} if params.grammar is not None else {})

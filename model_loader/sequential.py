@@ -7,10 +7,12 @@ model for the cores (a `TextIteratorStreamer` thread ran at 0.6x of plain `gener
 
 import threading
 
+import llguidance
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from model_loader.contract import Capabilities, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
+from model_loader.grammar import GrammarMask, grammar_of, grammar_tokenizer
 from model_loader.loader import LoadedModel, decoder, eos_ids, memory
 from model_loader.sink import TokenSink
 from model_loader.streaming import TextStream
@@ -33,11 +35,13 @@ class SequentialEngine:
         self.name = loaded.name
         self.flush = flush
         self.capabilities = Capabilities(
-            engine="transformers", slots=1, context_tokens=context_tokens, seed=True, repetition_penalty=True
+            engine="transformers", slots=1, context_tokens=context_tokens, seed=True, repetition_penalty=True,
+            grammar=True,
         )
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained request (about a second)
 
     def generate(
         self,
@@ -82,6 +86,7 @@ class SequentialEngine:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink)]),
+                logits_processor=self._grammar_mask(params, resume),
                 pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
                 eos_token_id=self._eos_ids,
                 **_sampling_kwargs(params, left),
@@ -90,6 +95,15 @@ class SequentialEngine:
                 torch.cuda.synchronize(device)
         sink.close()
         return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
+
+
+    def _grammar_mask(self, params: SamplingParams, resume: Resume) -> LogitsProcessorList:
+        if not params.constrained:
+            return LogitsProcessorList()
+        if self._grammar_tokenizer is None:
+            vocab = self.loaded.model.config.get_text_config().vocab_size
+            self._grammar_tokenizer = grammar_tokenizer(self.loaded.tokenizer, vocab, self._eos_ids)
+        return LogitsProcessorList([GrammarMask(self._grammar_tokenizer, grammar_of(params), resume.token_ids)])
 
 
 def _sampling_kwargs(params: SamplingParams, max_new_tokens: int) -> dict[str, object]:

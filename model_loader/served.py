@@ -36,11 +36,12 @@ class ServedEngine(ABC):
         interruption: Interruption = never,
         resume: Resume = Resume(),
     ) -> Outcome:
-        """Going on from published tokens is one more prompt: the prompt's ids and those tokens."""
+        """Going on from published tokens is one more prompt: the prompt's ids and those tokens (each
+        engine says how a grammar goes on from them)."""
         sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
         sink.resume(resume)
         if left := sink.tokens_left(params, self._eos_ids):
-            self._stream(input_ids + resume.token_ids, params, left, sink)
+            self._stream(input_ids, resume.token_ids, params, left, sink)
         sink.close()
         return sink.outcome(len(input_ids), self._eos_ids, self._memory())
 
@@ -49,8 +50,11 @@ class ServedEngine(ABC):
         self.server.stop()
 
     @abstractmethod
-    def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
-        """Stream one answer's ids from the server into `sink`, until it ends or the sink says stop."""
+    def _stream(
+        self, prompt: list[int], answer: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink
+    ) -> None:
+        """Stream the ids that follow `prompt` and the `answer` begun so far from the server into `sink`,
+        until the answer ends or the sink says stop."""
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...

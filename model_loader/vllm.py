@@ -116,7 +116,8 @@ class VllmEngine(ServedEngine):
         self._weight_bytes = sum(f.stat().st_size for f in self._folder.glob("*.safetensors"))
         context = settings.usable_context(context_window(self._folder, settings.context_window))
         self.capabilities = Capabilities(
-            engine="vllm", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True
+            engine="vllm", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
+            grammar=True,
         )
         # vLLM binds the worker's OpenMP threads itself (every physical core but one, which its busy-polling
         # scheduler keeps); this sets the torch threads of its other processes.
@@ -141,12 +142,23 @@ class VllmEngine(ServedEngine):
             *shlex.split(self._settings.vllm_args),
         ]
 
-    def _stream(self, ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
-        """Feed each streamed token to the sink until the server ends the answer or the sink says stop."""
+    def _stream(
+        self, prompt: list[int], answer: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink
+    ) -> None:
+        """Feed each streamed token to the sink until the server ends the answer or the sink says stop.
+
+        vLLM's grammar can start only where its generation starts, so a constrained answer that another
+        attempt began is generated again from the prompt, with the grammar and the same seed (the API
+        gives every constrained task one), and its first tokens, checked against those published, are
+        not sent again: the grammar's state is rebuilt from them at the cost of decoding them again."""
         if self.server.restart_if_dead():
             log.warning("vLLM's server had died between tasks; started afresh")
         restarts = self.server.restarts
-        body = _body(ids, params, max_new_tokens, self._eos_ids)
+        if params.constrained and answer:
+            sink = _Replay(sink, answer)  # type: ignore[assignment]
+            body = _body(prompt, params, max_new_tokens + len(answer), self._eos_ids)
+        else:
+            body = _body(prompt + answer, params, max_new_tokens, self._eos_ids)
         try:
             with self._client.stream("POST", self.server.url + "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -240,7 +252,36 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int, eos_ids: 
         body |= {"top_p": params.top_p, "top_k": params.top_k or -1}  # -1: no top-k in vLLM
     if params.seed is not None:
         body["seed"] = params.seed
+    if params.json_schema is not None:
+        body["structured_outputs"] = {"json": json.loads(params.json_schema)}
+    elif params.grammar is not None:
+        body["structured_outputs"] = {"grammar": params.grammar}
     return body
+
+
+class _Replay:
+    """A sink for an answer generated again from its prompt: the tokens already published are checked
+    and passed over, and those after them go on to the real sink."""
+
+    def __init__(self, sink: TokenSink, published: list[int]) -> None:
+        self._sink = sink
+        self._published = published
+        self._seen = 0
+
+    @property
+    def last_token(self) -> int | None:
+        return self._sink.last_token
+
+    def add(self, token_id: int) -> bool:
+        if self._seen == len(self._published):
+            return self._sink.add(token_id)
+        if token_id != self._published[self._seen]:
+            raise RuntimeError(
+                f"vLLM could not take up this constrained answer: generated again, it left the published tokens "
+                f"at token {self._seen + 1} of {len(self._published)}"
+            )
+        self._seen += 1
+        return self._sink.poll_interruption()
 
 
 def kv_cache_bytes(settings: Settings, folder: Path, device: str) -> int:

@@ -6,12 +6,15 @@ token ids add up to the answer, stop strings, cancel freeing the slot, seeds, go
 published tokens, handing back, and surviving the engine's death.
 """
 
+import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from tokenizers import Tokenizer
 
@@ -144,6 +147,87 @@ def test_the_same_seed_gives_the_same_answer(engine: Engine, tokenizer_dir: Path
 
     first = sample(1)
     assert sample(1) == first and sample(2) != first
+
+
+PET = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "kind": {"enum": ["cat", "dog", "fish"]},
+        "age": {"type": "integer"},
+        "owner": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+            "additionalProperties": False,
+        },
+        "toys": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "nickname": {"type": "string", "maxLength": 12},
+    },
+    "required": ["name", "kind", "age", "owner", "toys"],
+    "additionalProperties": False,
+}
+
+
+def constrained(tokens: int, temperature: float = 0, seed: int | None = None, **constraint: str) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=tokens, temperature=temperature, top_p=1, top_k=0, repetition_penalty=1.0, seed=seed,
+        **constraint,
+    )
+
+
+def without_grammar(engine: Engine) -> bool:
+    """Batching transformers has no per-request grammar: its heartbeat says so and the API refuses one
+    (tests/test_app_inprocess.py)."""
+    if engine.capabilities.grammar:
+        return False
+    assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
+    return True
+
+
+def test_a_constrained_answer_follows_its_schema_and_goes_on_after_a_takeover(engine: Engine, tokenizer_dir: Path) -> None:
+    if without_grammar(engine):
+        return
+    ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
+    params = constrained(200, json_schema=json.dumps(PET))
+    chunks = Recorder()
+    whole = engine.generate(ids, params, chunks)
+    assert whole.finish_reason == "eos", whole.text
+    jsonschema.validate(json.loads(whole.text), PET)
+    for published in (1, len(chunks.texts) // 2, len(chunks.texts) - 1):
+        rest = Recorder()
+        resumed = engine.generate(ids, params, rest, resume=chunks.first(published))
+        assert resumed.text == whole.text and resumed.finish_reason == "eos"
+
+
+def test_a_sampled_constrained_answer_follows_its_schema_across_a_takeover(engine: Engine, tokenizer_dir: Path) -> None:
+    """At temperature 1 the model wanders; the grammar keeps it inside the schema, before and after another
+    attempt takes the answer up (with the seed every constrained task carries)."""
+    if without_grammar(engine):
+        return
+    ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
+    params = constrained(300, temperature=1.0, seed=7, json_schema=json.dumps(PET))
+    chunks = Recorder()
+    whole = engine.generate(ids, params, chunks)
+    assert whole.finish_reason == "eos", whole.text
+    jsonschema.validate(json.loads(whole.text), PET)
+    resumed = engine.generate(ids, params, Recorder(), resume=chunks.first(len(chunks.texts) // 2))
+    assert resumed.finish_reason == "eos"
+    jsonschema.validate(json.loads(resumed.text), PET)
+
+
+def test_a_gbnf_grammar_constrains_the_answer(engine: Engine, tokenizer_dir: Path) -> None:
+    if without_grammar(engine):
+        return
+    ids = prompt(engine, "Is the sky green?", tokenizer_dir)
+    answer = engine.generate(ids, constrained(16, grammar='root ::= ("yes" | "no") ", " [a-z]{1,8} "."'), Recorder())
+    assert answer.finish_reason == "eos" and re.fullmatch(r"(yes|no), [a-z]{1,8}\.", answer.text), answer.text
+
+
+def test_a_grammar_cut_short_by_the_token_limit_ends_at_length(engine: Engine, tokenizer_dir: Path) -> None:
+    if without_grammar(engine):
+        return
+    ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
+    answer = engine.generate(ids, constrained(5, json_schema=json.dumps(PET)), Recorder())
+    assert answer.finish_reason == "length" and answer.completion_tokens == 5 and answer.text.startswith("{")
 
 
 def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:

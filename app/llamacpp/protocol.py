@@ -25,6 +25,8 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     seed: int = Field(-1, ge=-1, description="-1 means random.")
     repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
+    json_schema: dict[str, Any] | None = Field(None, description="The answer follows this schema; {} is any object.")
+    grammar: str | None = Field(None, description="GBNF; wins over json_schema, as in llama.cpp. Empty is none.")
     cache_prompt: bool = True
     id_slot: int = -1
     slot_id: int | None = None

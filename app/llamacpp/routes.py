@@ -109,6 +109,8 @@ def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
         "stop": body.stop,
         "seed": None if body.seed == -1 else body.seed,
         "repetition_penalty": body.repeat_penalty,
+        "grammar": body.grammar or None,
+        "json_schema": None if body.grammar else body.json_schema,
     }
     return {key: value for key, value in fields.items() if value is not None}
 

@@ -55,6 +55,7 @@ def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
         "repetition_penalty": body.repetition_penalty,
         "seed": body.seed,
         "stop": body.stops() or None,
+        "json_schema": body.response_format.schema_wanted() if body.response_format else None,
     }
     return {key: value for key, value in values.items() if value is not None}
 

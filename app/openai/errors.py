@@ -17,8 +17,11 @@ from app.openai.protocol import ErrorDetail, ErrorResponse
 
 # The internal request's field names, as OpenAI's parameters call them: in Chat and Completions,
 # and in Responses.
-PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages"}
-RESPONSES_PARAMS = {"max_new_tokens": "max_output_tokens", "system_prompt": "instructions", "messages": "input"}
+PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages", "json_schema": "response_format"}
+RESPONSES_PARAMS = {
+    "max_new_tokens": "max_output_tokens", "system_prompt": "instructions", "messages": "input",
+    "json_schema": "text.format",
+}
 TYPES = {429: "rate_limit_error", 503: "server_error"}
 CODES = {
     401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 429: "rate_limit_exceeded",

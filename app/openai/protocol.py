@@ -7,8 +7,9 @@ rather than silently served differently.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.constraints import ANY_OBJECT
 from core.protocol import MIN_REPETITION_PENALTY, Text
 
 
@@ -41,7 +42,6 @@ class Unsupported(BaseModel):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -52,7 +52,7 @@ class Unsupported(BaseModel):
     def first_used(self) -> str | None:
         neutral: dict[str, object] = {
             "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False,
-            "logit_bias": {}, "tools": [], "functions": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "logit_bias": {}, "tools": [], "functions": [], "tool_choice": "none",
         }
         return first_set(self, Unsupported, neutral)
 
@@ -65,6 +65,28 @@ def first_set(request: BaseModel, options: type[BaseModel], neutral: dict[str, o
         if value is not None and value != neutral.get(name, object()):
             return name
     return None
+
+
+class JsonSchema(BaseModel):
+    """`response_format.json_schema`: the answer is constrained to the schema whether or not `strict` is set."""
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    def schema_wanted(self) -> dict[str, Any] | None:
+        """The schema the answer must follow; None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or self.json_schema is None or self.json_schema.schema_ is None:
+            return ANY_OBJECT
+        return self.json_schema.schema_
 
 
 # OpenAI's tiers; "flex" runs as background work (core.queue), behind interactive work.
@@ -90,6 +112,14 @@ class Sampling(Unsupported):
     # Extras that vLLM and others accept beyond OpenAI's own.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _schema_given(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type == "json_schema" and value.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        return value
 
     def stops(self) -> list[str]:
         if self.stop is None:

@@ -20,6 +20,7 @@ from app.openai.responses.protocol import (
     ResponseStatus,
     ResponseUsage,
     ResponseSettings,
+    TextConfig,
 )
 from core.protocol import GenerateRequest, Role, TaskStatus, TaskView
 
@@ -44,8 +45,8 @@ def task_id_of(response_id: str) -> str:
 def check_supported(body: ResponseCreateRequest, served: list[str]) -> None:
     check_model(body.model, served)
     refuse_unsupported(body.first_used())
-    if body.text is not None and body.text.format.type != "text":
-        raise OpenAIError(400, "only text output is supported", param="text.format", code="unsupported_value")
+    if body.text is not None and body.text.format.type == "json_schema" and body.text.format.schema_ is None:
+        raise OpenAIError(400, "text.format: 'schema' is required when type is 'json_schema'", param="text.format.schema")
     if body.background and not body.store:
         raise OpenAIError(400, "a background response must be stored: drop store=false", param="store")
 
@@ -62,6 +63,7 @@ def internal_fields(body: ResponseCreateRequest) -> dict[str, object]:
         "max_new_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
+        "json_schema": body.text.format.schema_wanted() if body.text else None,
     }
     return {key: value for key, value in values.items() if value is not None}
 
@@ -80,6 +82,7 @@ def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> Respon
         store=body.store,
         metadata=body.metadata or {},
         user=body.user,
+        text=body.text or TextConfig(),
     )
 
 

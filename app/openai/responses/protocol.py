@@ -1,7 +1,7 @@
 """OpenAI's Responses API wire shapes, as its API reference and official SDK define them.
 
 Text in, text out: the request's unknown fields are ignored, and the options that this server
-cannot honour (tools, reasoning, structured output, chaining) are declared so that using one is
+cannot honour (tools, reasoning, chaining) are declared so that using one is
 refused by name rather than silently served differently.
 """
 
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.openai.protocol import ServiceTier, first_set
+from core.constraints import ANY_OBJECT
 from core.protocol import Text
 
 # OpenAI's own bounds: what a record keeps for a day is bounded per request.
@@ -38,9 +39,22 @@ class InputMessage(BaseModel):
 
 
 class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """`text.format`: plain text, any JSON object, or JSON following `schema` (constrained whether or not
+    `strict` is set); the schema's fields sit beside `type` here, where Chat nests them in `json_schema`."""
 
-    type: str = "text"
+    model_config = ConfigDict(extra="allow", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    def schema_wanted(self) -> dict[str, Any] | None:
+        """The schema the answer must follow; None for plain text."""
+        if self.type == "text":
+            return None
+        return self.schema_ if self.type == "json_schema" and self.schema_ is not None else ANY_OBJECT
 
 
 class TextConfig(BaseModel):
@@ -146,6 +160,7 @@ class ResponseSettings(BaseModel):
     store: bool
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
+    text: TextConfig = Field(default_factory=TextConfig)
 
 
 class Response(ResponseSettings):
@@ -160,7 +175,6 @@ class Response(ResponseSettings):
     parallel_tool_calls: bool = False
     tool_choice: Literal["none"] = "none"
     tools: list[Any] = Field(default_factory=list)
-    text: TextConfig = Field(default_factory=TextConfig)
     truncation: Literal["disabled"] = "disabled"
 
 
