@@ -61,7 +61,9 @@ def heartbeats(redis_url: str) -> Iterator[Heartbeats]:
 
 
 def beat(heartbeats: Heartbeats, name: str, **capabilities: bool) -> None:
-    caps = Capabilities(engine="transformers", slots=2, context_tokens=512, seed=True, repetition_penalty=True, grammar=True)
+    caps = Capabilities(
+        engine="transformers", slots=2, context_tokens=512, seed=True, repetition_penalty=True, grammar=True
+    )
     heartbeats.beat(name, ready=True, capabilities=caps.to_json() | capabilities)
 
 
@@ -74,13 +76,18 @@ def test_health_is_down_without_a_worker_and_up_with_one(api: TestClient, heartb
 
 def test_an_option_a_live_worker_lacks_is_refused_by_name(api: TestClient, heartbeats: Heartbeats) -> None:
     beat(heartbeats, "able@host")
-    beat(heartbeats, "batching@host", seed=False, repetition_penalty=False)
+    beat(heartbeats, "batching@host", seed=False, repetition_penalty=False, grammar=False)
     refused = api.post("/generate", json={"prompt": "hi", "seed": 3})
     assert refused.status_code == 422
     detail = refused.json()["detail"][0]
     assert detail["loc"] == ["body", "seed"] and "batching@host" in detail["msg"]
     penalty = api.post("/generate", json={"prompt": "hi", "repetition_penalty": 1.3})
     assert penalty.status_code == 422 and penalty.json()["detail"][0]["loc"] == ["body", "repetition_penalty"]
+    schema = api.post("/v1/chat/completions", json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_object"},
+    })
+    assert schema.status_code == 400 and schema.json()["error"]["param"] == "response_format", schema.text
 
 
 def test_an_option_every_live_worker_has_is_queued(api: TestClient, heartbeats: Heartbeats) -> None:

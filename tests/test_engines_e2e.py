@@ -18,6 +18,7 @@ from playwright.sync_api import Page, expect
 from core.protocol import TaskStatus
 from devstack.processes import Stack
 from tests.helpers import poll_until_finished, submit
+from tests.test_structured import Pet
 from tests.test_browser import ask, browser, configure, open_page, page, server_view, wait_finished  # noqa: F401
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -57,6 +58,14 @@ def test_chat_streams_through_the_sdk_with_usage_last(sdk: openai.OpenAI) -> Non
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
     assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 24
+
+
+def test_the_sdks_parse_answers_inside_the_schema(sdk: openai.OpenAI) -> None:
+    completion = sdk.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a pet and its owner."}], response_format=Pet,
+        temperature=0, max_completion_tokens=300,
+    )
+    assert completion.choices[0].finish_reason == "stop" and isinstance(completion.choices[0].message.parsed, Pet)
 
 
 def test_completions_answer_the_raw_prompt(sdk: openai.OpenAI) -> None:

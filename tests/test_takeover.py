@@ -7,12 +7,14 @@ for first. llama.cpp answers about 20 times as fast as transformers here and vLL
 their answers are longer, to be still running when the worker is stopped.
 """
 
+import json
 import signal
 import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
+import jsonschema
 import openai
 import psutil
 import pytest
@@ -133,6 +135,37 @@ def test_a_killed_worker_is_taken_over_within_the_bound_and_the_answer_goes_on(
     stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
     assert_one_answer(before, seen, final, reference)
     assert takeovers_counted(client) == takeovers + 1
+
+
+# A list long enough to be still running when its worker is killed, on each engine's speed.
+LIST_ITEMS = {"llamacpp": 50, "transformers": 6, "vllm": 20}
+
+
+def long_list(items: int) -> dict:
+    line = {"type": "string", "maxLength": 40}
+    return {"type": "object", "properties": {"lines": {"type": "array", "items": line, "minItems": items,
+                                                       "maxItems": items}},
+            "required": ["lines"], "additionalProperties": False}
+
+
+@on("llamacpp", "transformers", "vllm")
+def test_a_constrained_answer_killed_mid_way_goes_on_inside_its_schema(
+    stack: Stack, client: httpx.Client, engine: str
+) -> None:
+    """The grammar's state is rebuilt from the published tokens: the answer taken over still validates
+    and is the uninterrupted one."""
+    schema = long_list(LIST_ITEMS[engine])
+    constrained = {"prompt": "List the lines of a poem about the sea.", "temperature": 0, "max_new_tokens": 1000,
+                   "json_schema": schema}
+    whole, _ = poll_until_finished(client, submit(client, **constrained))
+    assert whole.status == TaskStatus.succeeded and whole.finish_reason == "eos", whole.text
+    task_id = submit(client, **constrained)
+    before = streaming(client, task_id)
+    stack.stop_worker(holder(stack, before), kill=True)
+    final, seen = poll_until_finished(client, task_id, after=before.cursor)
+    stack.start_worker(f"worker-{uuid.uuid4().hex[:6]}")
+    assert_one_answer(before, seen, final, whole)
+    jsonschema.validate(json.loads(final.text), schema)
 
 
 @on("llamacpp", "transformers")
