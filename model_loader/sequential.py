@@ -41,7 +41,7 @@ class SequentialEngine:
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
-        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained request (about a second)
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained request
 
     def generate(
         self,

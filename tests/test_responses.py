@@ -139,7 +139,7 @@ def test_a_background_stream_outlives_its_client(sdk: openai.OpenAI) -> None:
     ("extra", "param"),
     [({"tools": [{"type": "web_search"}]}, "tools"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
      ({"max_output_tokens": 0}, "max_output_tokens"), ({"input": [{"role": "assistant", "content": "hi"}]}, "input"),
-     ({"background": True, "store": False}, "store"), ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+     ({"background": True, "store": False}, "store"), ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
      ({"instructions": "x", "input": [{"role": "system", "content": "y"}, {"role": "user", "content": "z"}]},
       "input")],
 )

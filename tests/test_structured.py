@@ -76,7 +76,8 @@ def test_the_sdks_streamed_parse_ends_with_the_same_model(sdk: openai.OpenAI) ->
 
 def test_json_object_mode_answers_a_json_object(sdk: openai.OpenAI) -> None:
     answer = sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": 'Answer as JSON with "city" and "country": where is the Eiffel Tower?'}],
+        model=MODEL,
+        messages=[{"role": "user", "content": 'Answer as JSON with "city" and "country": where is the Eiffel Tower?'}],
         response_format={"type": "json_object"}, temperature=0, max_tokens=200,
     )
     assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content

@@ -46,7 +46,7 @@ def check_supported(body: ResponseCreateRequest, served: list[str]) -> None:
     check_model(body.model, served)
     refuse_unsupported(body.first_used())
     if body.text is not None and body.text.format.type == "json_schema" and body.text.format.schema_ is None:
-        raise OpenAIError(400, "text.format: 'schema' is required when type is 'json_schema'", param="text.format.schema")
+        raise OpenAIError(400, "text.format: 'schema' is required when type is 'json_schema'", param="text.format")
     if body.background and not body.store:
         raise OpenAIError(400, "a background response must be stored: drop store=false", param="store")
 
