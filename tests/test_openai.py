@@ -78,7 +78,7 @@ def test_completions_take_the_raw_prompt(sdk: openai.OpenAI, api_url: str) -> No
 @pytest.mark.parametrize(
     ("extra", "param"),
     [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
-     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"max_tokens": 0}, "max_tokens"),
+     ({"functions": [{"name": "f"}]}, "functions"), ({"max_tokens": 0}, "max_tokens"),
      ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages")],
 )
 def test_refusals_are_400s_naming_the_parameter(sdk: openai.OpenAI, extra: dict, param: str) -> None:

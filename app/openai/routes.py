@@ -26,6 +26,7 @@ from app.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
     Delta,
+    DeltaToolCall,
     ErrorDetail,
     ErrorResponse,
     Model,
@@ -66,8 +67,10 @@ def get_model(model_id: str, services: ServicesDep) -> Model:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> Response:
+    convert.check_tools(body)
+    fields = convert.chat_request(body, services.settings.default_system_prompt)
     task_id, on_close = await admit_streaming(
-        services, caller, body.stream, lambda: _admit(body, convert.chat_request(body), services, caller)
+        services, caller, body.stream, lambda: _admit(body, fields, services, caller)
     )
     answer_id, created = f"chatcmpl-{task_id}", convert.created_now()
 
@@ -83,18 +86,32 @@ async def chat_completions(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        tools = convert.ToolStream(body, task_id)
+
+        def delta(text: str) -> list[str]:
+            content = tools.content(text)
+            return [chunk(Delta(content=content))] if content else []
+
+        def last(view: TaskView) -> list[str]:
+            rest, calls = tools.end()
+            deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+            return [
+                *([chunk(Delta(content=rest))] if rest else []),
+                *([chunk(Delta(tool_calls=deltas))] if deltas else []),
+                chunk(Delta(), convert.finish_reason(view, calls)),
+            ]
+
         events = _stream(
-            services, task_id, chunk(Delta(role="assistant", content="")),
-            lambda text: chunk(Delta(content=text)),
-            lambda view: chunk(Delta(), convert.finish_reason(view)),
+            services, task_id, chunk(Delta(role="assistant", content="")), delta, last,
             usage_chunk if include_usage else None,
         )
         return sse_response(events, {"X-Task-Id": task_id}, on_close)
     view = await _result(services, task_id, request)
     if view is None:
         return Response(status_code=CLIENT_GONE)
-    message = AssistantMessage(content=view.text)
-    choice = ChatChoice(message=message, finish_reason=convert.finish_reason(view))  # type: ignore[arg-type]
+    content, calls = convert.answer_of(body, view.text, task_id)
+    message = AssistantMessage(content=content, tool_calls=calls or None)
+    choice = ChatChoice(message=message, finish_reason=convert.finish_reason(view, calls))  # type: ignore[arg-type]
     answer = ChatCompletion(
         id=answer_id, created=created, model=body.model, choices=[choice], usage=convert.usage(view)
     )
@@ -118,8 +135,8 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(
-            services, task_id, None, chunk,
-            lambda view: chunk("", convert.finish_reason(view)),
+            services, task_id, None, lambda text: [chunk(text)],
+            lambda view: [chunk("", convert.finish_reason(view))],
             (lambda view: answer([], view).model_dump_json()) if include_usage else None,
         )
         return sse_response(events, {"X-Task-Id": task_id}, on_close)
@@ -151,20 +168,22 @@ async def _stream(
     services: Services,
     task_id: str,
     first: str | None,
-    delta: Callable[[str], str],
-    last: Callable[[TaskView], str],
+    delta: Callable[[str], list[str]],
+    last: Callable[[TaskView], list[str]],
     usage: Callable[[TaskView], str] | None,
 ) -> AsyncIterator[str]:
-    """OpenAI's stream: an optional first chunk, a chunk per piece of text, the finishing chunk, the
+    """OpenAI's stream: an optional first chunk, the chunks of each piece of text, the finishing chunks, the
     usage chunk when asked for, then [DONE]; an error after the start is a `data: {"error"}` line."""
     if first is not None:
         yield first
     try:
         async for item in texts_then_result(services, task_id):
             if isinstance(item, str):
-                yield delta(item)
+                for event in delta(item):
+                    yield event
                 continue
-            yield last(item)
+            for event in last(item):
+                yield event
             if usage is not None:
                 yield usage(item)
     except StreamBroken as exc:
