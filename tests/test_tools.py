@@ -145,3 +145,42 @@ def test_a_langchain_tool_loop(api_url: str) -> None:
     messages += [called, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
     final = llm.bind_tools([get_weather], tool_choice="none").invoke(messages)
     assert isinstance(final.content, str) and final.content and not final.tool_calls
+
+
+RESPONSES_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
+
+
+def test_a_response_calls_a_function_and_takes_its_output(sdk: openai.OpenAI) -> None:
+    """Responses' flat function tools, a function_call output item, and the call and its
+    function_call_output given back in `input` for the final answer."""
+    called = sdk.responses.create(
+        model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS, tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_output_tokens=100,
+    )
+    assert called.status == "completed" and called.tool_choice == "required"
+    (call,) = called.output
+    assert call.type == "function_call" and call.call_id.startswith("call_") and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    final = sdk.responses.create(
+        model=MODEL, tools=RESPONSES_TOOLS, tool_choice="none", temperature=0, max_output_tokens=60,
+        input=[{"role": "user", "content": "What is the weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}],
+    )
+    assert final.status in ("completed", "incomplete") and final.output[0].type == "message" and final.output_text
+
+
+def test_a_streamed_response_sends_its_call_whole_at_the_end(sdk: openai.OpenAI) -> None:
+    with sdk.responses.stream(
+        model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS, temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=100,
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    numbers = [event.sequence_number for event in events]
+    assert numbers == list(range(len(events)))
+    done = [event for event in events if event.type == "response.function_call_arguments.done"]
+    (call,) = final.output
+    assert len(done) == 1 and done[0].arguments == call.arguments and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert events[-1].type == "response.completed"

@@ -7,24 +7,14 @@ from app.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FunctionCall,
-    Message,
     NamedToolChoice,
     Sampling,
     ToolCall,
     Usage,
 )
+from app.openai.tools import call_id, call_turn, read_answer, result_turn, tool_fields
 from core.protocol import Role, TaskView
-from prompts.tools import (
-    Call,
-    Function,
-    call_may_start,
-    call_text,
-    calls_schema,
-    constrained_calls,
-    read_calls,
-    result_text,
-    tools_prompt,
-)
+from prompts.tools import Call, Function
 
 ROLES = {
     "system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant, "tool": Role.user,
@@ -58,107 +48,48 @@ def refuse_unsupported(option: str | None) -> None:
 def check_tools(body: ChatCompletionRequest) -> None:
     if body.tool_choice not in (None, "none") and not body.tools:
         raise OpenAIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
-    if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in _names(body):
+    if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names(body):
         raise OpenAIError(400, f"'tool_choice' names '{body.tool_choice.function.name}', which is not in 'tools'",
                           param="tool_choice")
 
 
 def chat_request(body: ChatCompletionRequest, default_system_prompt: str) -> dict[str, object]:
-    """The internal request as a dict, validated by the admission path like any other. Tools become
-    prompt text (prompts/tools.py), and a call the answer must make becomes its schema."""
-    turns = _turns(body.messages)
-    functions = _functions(body)
-    if functions:
-        if turns[0]["role"] == Role.system:
-            turns[0]["content"] += "\n\n" + tools_prompt(functions)
+    """The internal request as a dict, validated by the admission path like any other; tools as
+    app/openai/tools.py maps them."""
+    turns = []
+    for message in body.messages:
+        if message.role == "tool":
+            turns.append(result_turn(message.text()))
+        elif message.role == "assistant":
+            turns.append(call_turn(message.text(), [Call(c.function.name, c.function.arguments)
+                                                    for c in message.tool_calls or []]))
         else:
-            system = "\n\n".join(part for part in (default_system_prompt, tools_prompt(functions)) if part)
-            turns.insert(0, {"role": Role.system, "content": system})
-    fields = _sampling(body, body.max_completion_tokens or body.max_tokens) | {"messages": turns}
-    if body.tool_mode() in ("required", "named"):
-        fields["json_schema"] = calls_schema(functions, parallel=body.tool_mode() == "required" and body.parallel_tool_calls)
-    return fields
+            turns.append({"role": ROLES[message.role], "content": message.text()})
+    tools = tool_fields(turns, _functions(body), body.tool_mode(), body.parallel_tool_calls, default_system_prompt)
+    return _sampling(body, body.max_completion_tokens or body.max_tokens) | tools
 
 
 def answer_of(body: ChatCompletionRequest, text: str, task_id: str) -> tuple[str | None, list[ToolCall]]:
     """The answer's content and its tool calls."""
-    mode = body.tool_mode()
-    if mode == "none":
-        return text, []
-    if mode == "auto":
-        content, calls = read_calls(text, _names(body))
-    else:
-        calls = constrained_calls(text)
-        content = None if calls else text  # cut short by the token limit: the text as it stands
-    return (content or None) if calls else content, tool_calls(calls, task_id)
-
-
-class ToolStream:
-    """A streamed answer that may hold calls: the text that can go out as content at once (all of it
-    without tools; none when the answer must be calls; under `auto`, all but what may be a call
-    starting), and at the end the rest and the calls."""
-
-    def __init__(self, body: ChatCompletionRequest, task_id: str) -> None:
-        self._body = body
-        self._task_id = task_id
-        self._mode = body.tool_mode()
-        self._text = ""
-        self._sent = 0
-
-    def content(self, piece: str) -> str:
-        self._text += piece
-        if self._mode in ("required", "named"):
-            return ""
-        end = len(self._text) if self._mode == "none" else call_may_start(self._text)
-        sent, self._sent = self._sent, max(self._sent, end)
-        return self._text[sent:end]
-
-    def end(self) -> tuple[str, list[ToolCall]]:
-        """The content still held back, and the calls."""
-        _, calls = answer_of(self._body, self._text, self._task_id)
-        return ("" if calls else self._text[self._sent :]), calls
+    content, calls = read_answer(text, body.tool_mode(), names(body))
+    return content, tool_calls(calls, task_id)
 
 
 def tool_calls(calls: list[Call], task_id: str) -> list[ToolCall]:
-    """Each call's id is its task's and its place, so every read of the answer names it alike."""
-    stem = task_id.replace("-", "")[:24]
-    return [
-        ToolCall(id=f"call_{stem}_{i}", function=FunctionCall(name=call.name, arguments=call.arguments))
-        for i, call in enumerate(calls)
-    ]
+    return [ToolCall(id=call_id(task_id, i), function=FunctionCall(name=c.name, arguments=c.arguments))
+            for i, c in enumerate(calls)]
 
 
-def _names(body: ChatCompletionRequest) -> set[str]:
+def names(body: ChatCompletionRequest) -> set[str]:
     return {tool.function.name for tool in body.tools or []}
 
 
 def _functions(body: ChatCompletionRequest) -> list[Function]:
-    """The functions the model is offered: none under tool_choice "none", only the named one when one is."""
-    mode = body.tool_mode()
-    if mode == "none":
-        return []
+    """The functions the model is offered: only the named one when one is named."""
     functions = [Function(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
     if isinstance(body.tool_choice, NamedToolChoice):
         return [f for f in functions if f.name == body.tool_choice.function.name]
     return functions
-
-
-def _turns(messages: list[Message]) -> list[dict]:
-    """Messages as turns: an assistant's calls as the text the model writes for them, tool results as a
-    user turn, and turns of the same role in a row (the results of parallel calls) joined into one."""
-    turns: list[dict] = []
-    for message in messages:
-        role = ROLES[message.role]
-        if message.role == "tool":
-            content = result_text(message.text())
-        else:
-            calls = [call_text(Call(c.function.name, c.function.arguments)) for c in message.tool_calls or []]
-            content = "\n".join(part for part in (message.text(), *calls) if part)
-        if turns and turns[-1]["role"] == role != Role.system:
-            turns[-1]["content"] += "\n" + content
-        else:
-            turns.append({"role": role, "content": content})
-    return turns
 
 
 def completion_request(body: CompletionRequest) -> dict[str, object]:

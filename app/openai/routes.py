@@ -15,6 +15,7 @@ from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
 from app.openai import convert
 from app.openai.errors import OpenAIError
+from app.openai.tools import ToolStream
 from app.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -86,7 +87,7 @@ async def chat_completions(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        tools = convert.ToolStream(body, task_id)
+        tools = ToolStream(body.tool_mode(), convert.names(body))
 
         def delta(text: str) -> list[str]:
             content = tools.content(text)
@@ -94,11 +95,11 @@ async def chat_completions(
 
         def last(view: TaskView) -> list[str]:
             rest, calls = tools.end()
-            deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+            deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(convert.tool_calls(calls, task_id))]
             return [
                 *([chunk(Delta(content=rest))] if rest else []),
                 *([chunk(Delta(tool_calls=deltas))] if deltas else []),
-                chunk(Delta(), convert.finish_reason(view, calls)),
+                chunk(Delta(), convert.finish_reason(view, deltas)),
             ]
 
         events = _stream(

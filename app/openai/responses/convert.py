@@ -7,10 +7,20 @@ its annotation, so any API process, started before or after, can answer for it.
 
 import time
 
+from pydantic import ValidationError
+
 from app.openai.convert import ROLES, check_model, refuse_unsupported
+from app.openai.tools import Mode, Turn, call_id, call_turn, read_answer, result_turn, tool_fields
 from app.openai.errors import OpenAIError
 from app.openai.responses.protocol import (
+    FunctionCallInput,
+    FunctionCallOutput,
+    FunctionChoice,
+    FunctionTool,
     IncompleteDetails,
+    InputItem,
+    OutputFunctionCall,
+    OutputItem,
     ItemStatus,
     OutputMessage,
     OutputText,
@@ -23,6 +33,7 @@ from app.openai.responses.protocol import (
     TextConfig,
 )
 from core.protocol import GenerateRequest, Role, TaskStatus, TaskView
+from prompts.tools import Call, Function
 
 PREFIX = "resp_"
 # The output message's status, for each response status that has one (the rest: incomplete).
@@ -49,23 +60,70 @@ def check_supported(body: ResponseCreateRequest, served: list[str]) -> None:
         raise OpenAIError(400, "text.format: 'schema' is required when type is 'json_schema'", param="text.format")
     if body.background and not body.store:
         raise OpenAIError(400, "a background response must be stored: drop store=false", param="store")
+    for i, tool in enumerate(body.tools or []):
+        if tool.get("type") != "function":
+            raise OpenAIError(400, f"tools[{i}]: only function tools are supported, not {str(tool.get('type'))[:40]!r}",
+                              param="tools", code="unsupported_value")
+    functions = {tool.name for tool in function_tools(body)}
+    if body.tool_choice not in (None, "none") and not functions:
+        raise OpenAIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
+    if isinstance(body.tool_choice, FunctionChoice) and body.tool_choice.name not in functions:
+        raise OpenAIError(400, f"'tool_choice' names '{body.tool_choice.name}', which is not in 'tools'",
+                          param="tool_choice")
 
 
-def internal_fields(body: ResponseCreateRequest) -> dict[str, object]:
-    """The internal request as a dict, validated by the admission path like any other."""
-    if isinstance(body.input, str):
-        messages = [{"role": Role.user, "content": body.input}]
-    else:
-        messages = [{"role": ROLES[turn.role], "content": turn.text()} for turn in body.input]
+def function_tools(body: ResponseCreateRequest) -> list[FunctionTool]:
+    """The request's tools, read as functions (check_supported has refused any other kind)."""
+    try:
+        return [FunctionTool.model_validate(tool) for tool in body.tools or []]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise OpenAIError(400, f"tools: {error['msg']} at {'.'.join(map(str, error['loc']))}", param="tools") from None
+
+
+def internal_fields(body: ResponseCreateRequest, default_system_prompt: str) -> dict[str, object]:
+    """The internal request as a dict, validated by the admission path like any other; function calls and
+    their outputs as turns, and the tools as app/openai/tools.py maps them (into the system turn, made
+    of `instructions` or the default system prompt when `input` has none)."""
+    turns = [{"role": Role.user, "content": body.input}] if isinstance(body.input, str) else _turns(body.input)
+    mode = tool_mode(body)
+    functions = [Function(t.name, t.description, t.parameters) for t in function_tools(body)
+                 if mode != "named" or (isinstance(body.tool_choice, FunctionChoice) and t.name == body.tool_choice.name)]
+    system_prompt = body.instructions
+    if mode != "none" and turns[0]["role"] != Role.system:
+        system, system_prompt = (default_system_prompt if body.instructions is None else body.instructions), None
+        turns.insert(0, {"role": Role.system, "content": system})
     values = {
-        "messages": messages,
-        "system_prompt": body.instructions,
+        **tool_fields(turns, functions, mode, body.parallel_tool_calls, ""),
+        "system_prompt": system_prompt,
         "max_new_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
-        "json_schema": body.text.format.schema_wanted() if body.text else None,
     }
+    if "json_schema" not in values and body.text:
+        values["json_schema"] = body.text.format.schema_wanted()
     return {key: value for key, value in values.items() if value is not None}
+
+
+def tool_mode(body: ResponseCreateRequest | ResponseSettings) -> Mode:
+    """How the answer may call tools: "named" when tool_choice names the one function to call."""
+    if isinstance(body.tool_choice, FunctionChoice):
+        return "named"
+    return (body.tool_choice or "auto") if body.tools else "none"
+
+
+def _turns(items: list[InputItem]) -> list[Turn]:
+    turns: list[Turn] = []
+    for item in items:
+        if isinstance(item, FunctionCallOutput):
+            turns.append(result_turn(item.output))
+        elif isinstance(item, FunctionCallInput):
+            turns.append(call_turn("", [Call(item.name, item.arguments)]))
+        elif item.role == "assistant":
+            turns.append(call_turn(item.text(), []))
+        else:
+            turns.append({"role": ROLES[item.role], "content": item.text()})
+    return turns
 
 
 def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> ResponseSettings:
@@ -83,6 +141,9 @@ def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> Respon
         metadata=body.metadata or {},
         user=body.user,
         text=body.text or TextConfig(),
+        tools=function_tools(body),
+        tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+        parallel_tool_calls=body.parallel_tool_calls,
     )
 
 
@@ -92,7 +153,7 @@ def response(task_id: str, settings: ResponseSettings, view: TaskView | None) ->
     base = Response(id=response_id(task_id), status=status, output=[], **settings.model_dump())
     if view is None:
         return base
-    update: dict[str, object] = {"output": _output(task_id, view, status)}
+    update: dict[str, object] = {"output": _output(task_id, view, status, settings)}
     if view.usage is not None:
         used = view.usage.prompt_tokens + view.usage.completion_tokens
         update["usage"] = ResponseUsage(
@@ -118,9 +179,22 @@ def _status(view: TaskView) -> ResponseStatus:
     return statuses[view.status]
 
 
-def _output(task_id: str, view: TaskView, status: ResponseStatus) -> list[OutputMessage]:
-    """One assistant message once there is text (or once the task succeeded, even with none)."""
+def _output(task_id: str, view: TaskView, status: ResponseStatus, settings: ResponseSettings) -> list[OutputItem]:
+    """One assistant message once there is text (or once the task succeeded, even with none); with tools,
+    once the answer has ended, its text (if any) and a function_call item per call."""
     if status in ("queued", "failed") or (not view.text and status != "completed"):
         return []
     item_status = ITEM_STATUSES.get(status, "incomplete")
-    return [OutputMessage(id=item_id(task_id), status=item_status, content=[OutputText(text=view.text)])]
+    mode = tool_mode(settings)
+    if mode == "none":
+        return [OutputMessage(id=item_id(task_id), status=item_status, content=[OutputText(text=view.text)])]
+    if status == "in_progress":
+        return []  # the text may yet turn out to be calls
+    content, calls = read_answer(view.text, mode, {tool.name for tool in settings.tools})
+    items: list[OutputItem] = []
+    if content is not None:
+        items.append(OutputMessage(id=item_id(task_id), status=item_status, content=[OutputText(text=content)]))
+    for i, call in enumerate(calls):
+        items.append(OutputFunctionCall(id=f"fc_{call_id(task_id, i).removeprefix('call_')}", call_id=call_id(task_id, i),
+                                        name=call.name, arguments=call.arguments))
+    return items

@@ -7,7 +7,7 @@ refused by name rather than silently served differently.
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 from app.openai.protocol import ServiceTier, first_set
 from core.constraints import ANY_OBJECT
@@ -38,6 +38,58 @@ class InputMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class FunctionCallInput(BaseModel):
+    """A call the model made earlier, given back in `input` (as it appeared in `output`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutput(BaseModel):
+    """A tool's result for one of those calls."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Text
+
+
+def _item_type(item: object) -> object:
+    """A message may leave `type` out; the other items always say theirs."""
+    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutput, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call: Responses' tools are flat, where Chat nests them in `function`."""
+
+    type: Literal["function"] = "function"
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+ToolChoice = Literal["none", "auto", "required"] | FunctionChoice
+
+
 class TextFormat(BaseModel):
     """`text.format`: plain text, any JSON object, or JSON following `schema` (constrained whether or not
     `strict` is set); the schema's fields sit beside `type` here, where Chat nests them in `json_schema`."""
@@ -66,8 +118,6 @@ class TextConfig(BaseModel):
 class Unsupported(BaseModel):
     """Responses options this server does not implement: each refused with a 400 naming it when used."""
 
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     previous_response_id: str | None = None
     conversation: Any = None
     prompt: Any = None
@@ -78,7 +128,7 @@ class Unsupported(BaseModel):
     truncation: str | None = None
 
     def first_used(self) -> str | None:
-        neutral: dict[str, object] = {"tools": [], "tool_choice": "none", "include": [], "truncation": "disabled"}
+        neutral: dict[str, object] = {"include": [], "truncation": "disabled"}
         return first_set(self, Unsupported, neutral)
 
 
@@ -86,7 +136,7 @@ class ResponseCreateRequest(Unsupported):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: Text | list[InputMessage] = Field(description="A user message as a string, or a list of turns.")
+    input: Text | list[InputItem] = Field(description="A user message as a string, or a list of turns and calls.")
     instructions: Text | None = Field(None, description="The system prompt.")
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -97,7 +147,9 @@ class ResponseCreateRequest(Unsupported):
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=MAX_METADATA_KEYS)
     text: TextConfig | None = None
     user: str | None = Field(None, max_length=MAX_USER_CHARS)
-    parallel_tool_calls: bool | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128, description="Function tools only.")
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     service_tier: ServiceTier | None = None
 
 
@@ -117,6 +169,18 @@ class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: ItemStatus
     content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus = "completed"
+
+
+OutputItem = OutputMessage | OutputFunctionCall
 
 
 class InputTokensDetails(BaseModel):
@@ -161,6 +225,9 @@ class ResponseSettings(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
     text: TextConfig = Field(default_factory=TextConfig)
+    tools: list[FunctionTool] = Field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
 
 
 class Response(ResponseSettings):
@@ -170,11 +237,8 @@ class Response(ResponseSettings):
     completed_at: int | None = None
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
-    output: list[OutputMessage]
+    output: list[OutputItem]
     usage: ResponseUsage | None = None
-    parallel_tool_calls: bool = False
-    tool_choice: Literal["none"] = "none"
-    tools: list[Any] = Field(default_factory=list)
     truncation: Literal["disabled"] = "disabled"
 
 
@@ -199,7 +263,22 @@ class ResponseEvent(Event):
 
 class OutputItemEvent(Event):
     output_index: int = 0
-    item: OutputMessage
+    item: OutputItem
+
+
+class ArgumentsDeltaEvent(Event):
+    type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDoneEvent(Event):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
 
 
 class ContentPartEvent(Event):

@@ -70,7 +70,8 @@ async def create_response(
     body: ResponseCreateRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> HTTPResponse:
     convert.check_supported(body, served_models(services))
-    internal = internal_request(convert.internal_fields(body)).with_defaults(services.settings)
+    fields = convert.internal_fields(body, services.settings.default_system_prompt)
+    internal = internal_request(fields).with_defaults(services.settings)
     settings = convert.settings_of(body, internal)
     background = body.background or body.service_tier == "flex"
     task_id, on_close = await admit_streaming(
@@ -135,7 +136,8 @@ async def _events(
 ) -> AsyncIterator[ServerSentEvent]:
     """The response's events after `after`, live; a client that leaves a plain (not background)
     streamed response cancels it, so that the model is freed at once."""
-    numbering = ResponseEvents(convert.item_id(task_id), convert.response(task_id, settings, None), after)
+    queued = convert.response(task_id, settings, None)
+    numbering = ResponseEvents(convert.item_id(task_id), queued, after, convert.tool_mode(settings) != "none")
     try:
         async for event in _numbered(services, task_id, settings, numbering):
             yield ServerSentEvent(event=event.type, raw_data=event.model_dump_json())
