@@ -32,6 +32,7 @@ def check_message_count(body: GenerateRequest, limit: int) -> None:
 # A request option and the capability a worker's engine must report for it.
 OPTION_CAPABILITIES = {
     "seed": "seed", "repetition_penalty": "repetition_penalty", "json_schema": "grammar", "grammar": "grammar",
+    "logprobs": "logprobs",
 }
 
 
@@ -44,6 +45,7 @@ def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> Non
         "repetition_penalty": body.repetition_penalty not in (None, 1.0),
         "json_schema": body.json_schema is not None,
         "grammar": body.grammar is not None,
+        "logprobs": body.logprobs is not None,
     }
     for option, capability in OPTION_CAPABILITIES.items():
         lacking = [w for w in workers if used[option] and w.capabilities.get(capability) is False]

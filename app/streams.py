@@ -9,10 +9,11 @@ A Redis restart pauses a reader rather than ending it: it reads on from its curs
 is back, for up to OUTAGE_S.
 """
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
@@ -44,6 +45,8 @@ class StreamEntry:
     cursor: str
     text: str | None
     attempt: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list] = field(default_factory=list)  # one per token, when the request asked for them
 
     @property
     def ended(self) -> bool:
@@ -63,7 +66,11 @@ async def follow(client: redis.asyncio.Redis, task_id: str, after: str = START_C
             if b"end" in fields:
                 yield StreamEntry(cursor=cursor, text=None)
                 return
-            yield StreamEntry(cursor=cursor, text=fields[b"text"].decode(), attempt=int(fields.get(b"attempt", 0)))
+            yield StreamEntry(
+                cursor=cursor, text=fields[b"text"].decode(), attempt=int(fields.get(b"attempt", 0)),
+                token_ids=[int(t) for t in fields.get(b"tokens", b"").split()],
+                logprobs=json.loads(fields[b"logprobs"]) if b"logprobs" in fields else [],
+            )
         if not entries and await _riding_out(lambda: _over(client, task_id)):
             yield StreamEntry(cursor=cursor, text=None)
             return

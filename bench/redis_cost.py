@@ -130,7 +130,8 @@ def appends_per_second(url: str) -> float:
     port = str(admin.connection_pool.connection_kwargs["port"])
     # A random append number per call (-r): a repeated number is a retry, which writes nothing.
     command = [benchmark, "-p", port, "-n", "100000", "-c", "50", "-r", "1000000000", "-q", "EVALSHA", sha, "2",
-               "task:bench", "task:bench:chunks", "1", "86400", "a few more words, ", "264 1151 540 2474", "__rand_int__"]
+               "task:bench", "task:bench:chunks", "1", "86400", "a few more words, ", "264 1151 540 2474", "__rand_int__",
+               ""]
     rates = []
     for _ in range(3):
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout

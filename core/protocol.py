@@ -28,6 +28,7 @@ MIN_REPETITION_PENALTY = 1e-3
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 MAX_STOP_TOTAL_CHARS = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 def _encodable(text: str) -> str:
@@ -85,6 +86,10 @@ class GenerateRequest(BaseModel):
         None, description="The answer is JSON valid against this schema ({} is any JSON object), by constrained decoding."
     )
     grammar: str | None = Field(None, min_length=1, description="The answer matches this GBNF grammar (llama.cpp's).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Each token's log probability and this many likeliest alternatives (0 to 20); off when left out.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -168,6 +173,7 @@ class GenerateRequest(BaseModel):
             stop=tuple(full.stop),
             json_schema=None if full.json_schema is None else json.dumps(full.json_schema),
             grammar=full.grammar,
+            logprobs=full.logprobs,
         )
 
 
@@ -184,6 +190,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     json_schema: str | None = None  # the schema as JSON text (hashable, and what a server is sent)
     grammar: str | None = None  # GBNF
+    logprobs: int | None = None  # each token's log probability and this many alternatives; None: off
 
     @property
     def constrained(self) -> bool:

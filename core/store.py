@@ -23,6 +23,7 @@ the fleet's metrics (`core.metrics`), which a task's end adds to in the same scr
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -104,7 +105,8 @@ end
 return status
 """
 
-# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids, the append's number within the attempt.
+# KEYS: record, chunks. ARGV: attempt, ttl, text, token ids, the append's number within the attempt,
+# the tokens' log probabilities as JSON ('' when not asked for).
 # Appends only while that attempt holds the task, and answers why it must stop, if it must: the same
 # call publishes and checks. A call that ran but whose reply was lost (Redis restarted, a dropped
 # connection) is sent again by the worker's retry: the record keeps the last append's number, so
@@ -114,7 +116,11 @@ APPEND_LUA = """
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 'superseded' end
 local mark = ARGV[1] .. ':' .. ARGV[5]
 if redis.call('HGET', KEYS[1], 'appended') ~= mark then
-  redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
+  if ARGV[6] == '' then
+    redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1])
+  else
+    redis.call('XADD', KEYS[2], '*', 'text', ARGV[3], 'tokens', ARGV[4], 'attempt', ARGV[1], 'logprobs', ARGV[6])
+  end
   redis.call('HSET', KEYS[1], 'appended', mark)
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -319,6 +325,16 @@ class TaskStore:
         first = int(entries[0][0].split(b"-")[0]) / 1000 if entries else None
         return Published(token_ids, "".join(text), first)
 
+    def logprobs(self, task_id: str) -> list[tuple[int, list]]:
+        """Each token of the answer so far with its log probabilities (`[logprob, [[id, logprob], ...]]`,
+        as the engine gave them), for an answer that asked for them: every attempt's chunks, in order."""
+        tokens: list[tuple[int, list]] = []
+        for _, fields in self.redis.xrange(chunks_key(task_id)):
+            if b"logprobs" in fields:
+                ids = [int(t) for t in fields.get(b"tokens", b"").split()]
+                tokens += zip(ids, json.loads(fields[b"logprobs"]))
+        return tokens
+
     def renew(self, held: dict[str, int]) -> list[str]:
         """Extend the lease of each task (id: attempt) this worker holds; returns those it no longer holds."""
         if not held:
@@ -379,13 +395,18 @@ class TaskStore:
             self.redis.publish(CANCELS_CHANNEL, task_id)
         return TaskStatus(before) if before else None
 
-    def append_chunk(self, task_id: str, attempt: int, number: int, text: str, token_ids: list[int]) -> str | None:
+    def append_chunk(
+        self, task_id: str, attempt: int, number: int, text: str, token_ids: list[int],
+        logprobs: Sequence[object] = (),
+    ) -> str | None:
         """Append to the stream while `attempt` holds the task; `number` counts the attempt's appends
-        (0, 1, ...), so that a retried call appends once. Returns why it must stop, as `stop_reason`
+        (0, 1, ...), so that a retried call appends once. `logprobs`, one per token when the request
+        asked for them, are kept as JSON beside the ids. Returns why it must stop, as `stop_reason`
         does: 'superseded' (nothing was appended) or 'cancelled' (it was)."""
         keys = [record_key(task_id), chunks_key(task_id)]
         tokens = " ".join(map(str, token_ids))
-        found = self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens, number])
+        scores = json.dumps(list(logprobs)) if logprobs else ""
+        found = self._eval(self._append_script, keys, [attempt, self.ttl_s, text, tokens, number, scores])
         return found.decode() if found else None
 
     def finish(self, task_id: str, attempt: int, result: GenerationResult) -> bool:

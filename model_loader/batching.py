@@ -46,7 +46,6 @@ from model_loader.contract import (
 )
 from model_loader.loader import LoadedModel, decoder, eos_ids, memory
 from model_loader.sink import TokenSink
-from model_loader.streaming import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class BatchingEngine:
         self.flush = flush
         self.capabilities = Capabilities(
             engine="transformers", slots=settings.worker_slots, context_tokens=context_tokens, seed=False,
-            repetition_penalty=False, grammar=False,
+            repetition_penalty=False, grammar=False, logprobs=False,
         )
         self._settings = settings
         self._eos_ids = eos_ids(loaded)
@@ -88,8 +87,7 @@ class BatchingEngine:
     ) -> Outcome:
         if params.seed is not None or params.repetition_penalty != 1.0:
             raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 with ENGINE=transformers")
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        sink.resume(resume)
+        sink = TokenSink.opened(self._decode, params, on_chunk, interruption, self.flush, resume)
         if left := sink.tokens_left(params, self._eos_ids):
             self._run(input_ids + resume.token_ids, params, left, sink)
         sink.close()

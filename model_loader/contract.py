@@ -15,7 +15,7 @@ tokens through one `TokenSink`, so streaming, stop strings and cancellation beha
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from core.protocol import SamplingParams
 
@@ -38,6 +38,7 @@ class Capabilities:
     seed: bool  # a seed per request, reproducible whatever else runs beside it
     repetition_penalty: bool
     grammar: bool  # decoding constrained by a JSON schema or a GBNF grammar, resumable after a takeover
+    logprobs: bool  # each token's log probability and its likeliest alternatives
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -74,8 +75,17 @@ class Outcome:
     stop_string: str | None = None
 
 
+class TokenLogprob(NamedTuple):
+    """A generated token's log probability under the model, and the likeliest ids with theirs (as many as
+    asked for), as JSON `[logprob, [[id, logprob], ...]]`."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 Interruption = Callable[[], str | None]
-OnChunk = Callable[[str, list[int]], object]
+# A chunk's text, the ids of its tokens and, when asked for, each token's log probabilities (else empty).
+OnChunk = Callable[[str, list[int], list[TokenLogprob]], object]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from model_loader.contract import (
     EngineRestarted,
     FlushPolicy,
     SamplingParams,
+    TokenLogprob,
 )
 from model_loader.engine_server import EngineServer
 from model_loader.served import ServedEngine
@@ -87,7 +88,7 @@ class LlamaCppEngine(ServedEngine):
         context = settings.usable_context(context_window(folder, settings.context_window))
         self.capabilities = Capabilities(
             engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
-            grammar=True,
+            grammar=True, logprobs=True,
         )
         self.server = EngineServer(
             "llama-server", self._command, "/health", settings.engine_start_timeout_s, port=settings.engine_port
@@ -118,8 +119,9 @@ class LlamaCppEngine(ServedEngine):
                         raise RuntimeError(f"llama-server: {event['error']}")
                     tokens = self._with_held_tokens(event, seen)
                     seen += len(tokens)
-                    for token in tokens:
-                        if sink.add(token):
+                    scores = _logprobs(tokens, event, params.logprobs)
+                    for token, logprob in zip(tokens, scores):
+                        if sink.add(token, logprob):
                             return  # closing the stream cancels the request in the server
                     if event.get("stop"):
                         self._learn_eos(event, sink)
@@ -196,11 +198,28 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int) -> dict[s
         body |= {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
     if params.seed is not None:
         body["seed"] = params.seed % SEED_MODULUS
+    if params.logprobs is not None:  # the chosen token's comes with the alternatives, so at least one of those
+        body |= {"n_probs": max(params.logprobs, 1), "post_sampling_probs": False}
     if params.json_schema is not None:
         body["json_schema"] = json.loads(params.json_schema)
     elif params.grammar is not None:
         body["grammar"] = params.grammar
     return body
+
+
+def _logprobs(tokens: list[int], event: dict, top: int | None) -> list[TokenLogprob | None]:
+    """Each token's log probabilities from the event's `completion_probabilities` (llama-server's, from the
+    model's logits before sampling), matched by id; None for a token it gave none for."""
+    if top is None:
+        return [None] * len(tokens)
+    given = iter(event.get("completion_probabilities") or ())
+    found: list[TokenLogprob | None] = []
+    for token in tokens:
+        entry = next((e for e in given if e["id"] == token), None)
+        found.append(None if entry is None else TokenLogprob(
+            entry["logprob"], [(alt["id"], alt["logprob"]) for alt in entry["top_logprobs"][:top]]
+        ))
+    return found
 
 
 def _grammar_goes_on(text: str, params: SamplingParams) -> dict[str, object]:

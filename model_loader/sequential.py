@@ -9,21 +9,50 @@ import threading
 
 import llguidance
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from model_loader.contract import Capabilities, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
+from model_loader.contract import (
+    Capabilities,
+    FlushPolicy,
+    Interruption,
+    OnChunk,
+    Outcome,
+    Resume,
+    SamplingParams,
+    TokenLogprob,
+    never,
+)
 from model_loader.grammar import GrammarMask, grammar_of, grammar_tokenizer
 from model_loader.loader import LoadedModel, decoder, eos_ids, memory
 from model_loader.sink import TokenSink
-from model_loader.streaming import TextStream
+
+
+class _Logprobs(LogitsProcessor):
+    """Keeps each step's log probabilities as the model gave them: it runs before any processor of ours
+    (the grammar's mask) and before temperature, top-k and top-p, as llama.cpp's and vLLM's are."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def of(self, token_id: int) -> TokenLogprob:
+        assert self.last is not None
+        values, ids = torch.topk(self.last, self.top) if self.top else (self.last[:0], self.last[:0])
+        return TokenLogprob(float(self.last[token_id]), [(int(i), float(v)) for i, v in zip(ids, values)])
 
 
 class _SinkCriterion(StoppingCriteria):
-    def __init__(self, sink: TokenSink) -> None:
+    def __init__(self, sink: TokenSink, logprobs: _Logprobs | None) -> None:
         self.sink = sink
+        self.logprobs = logprobs
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        done = self.sink.add(int(input_ids[0, -1]))
+        token = int(input_ids[0, -1])
+        done = self.sink.add(token, self.logprobs.of(token) if self.logprobs else None)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -36,7 +65,7 @@ class SequentialEngine:
         self.flush = flush
         self.capabilities = Capabilities(
             engine="transformers", slots=1, context_tokens=context_tokens, seed=True, repetition_penalty=True,
-            grammar=True,
+            grammar=True, logprobs=True,
         )
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
@@ -78,15 +107,16 @@ class SequentialEngine:
             torch.cuda.reset_peak_memory_stats(device)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        sink.resume(resume)
+        sink = TokenSink.opened(self._decode, params, on_chunk, interruption, self.flush, resume)
+        logprobs = None if params.logprobs is None else _Logprobs(params.logprobs)
         if left := sink.tokens_left(params, self._eos_ids):
             ids = torch.tensor([input_ids + resume.token_ids], device=device)
             self.loaded.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink)]),
-                logits_processor=self._grammar_mask(params, resume),
+                stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink, logprobs)]),
+                logits_processor=LogitsProcessorList([*([logprobs] if logprobs else []),
+                                                      *self._grammar_mask(params, resume)]),
                 pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
                 eos_token_id=self._eos_ids,
                 **_sampling_kwargs(params, left),

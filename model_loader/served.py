@@ -15,7 +15,6 @@ import httpx
 from model_loader.contract import EngineMemory, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams, never
 from model_loader.engine_server import EngineServer
 from model_loader.sink import TokenSink
-from model_loader.streaming import TextStream
 
 
 class ServedEngine(ABC):
@@ -38,8 +37,7 @@ class ServedEngine(ABC):
     ) -> Outcome:
         """Going on from published tokens is one more prompt: the prompt's ids and those tokens (each
         engine says how a grammar goes on from them)."""
-        sink = TokenSink(TextStream(self._decode, params.stop), on_chunk, interruption, self.flush)
-        sink.resume(resume)
+        sink = TokenSink.opened(self._decode, params, on_chunk, interruption, self.flush, resume)
         if left := sink.tokens_left(params, self._eos_ids):
             self._stream(input_ids, resume.token_ids, params, left, sink)
         sink.close()

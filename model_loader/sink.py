@@ -4,8 +4,17 @@ import time
 from dataclasses import dataclass, field
 
 from core.protocol import HANDED_BACK, SUPERSEDED
-from model_loader.contract import EngineMemory, FlushPolicy, Interruption, OnChunk, Outcome, Resume, SamplingParams
-from model_loader.streaming import TextStream
+from model_loader.contract import (
+    EngineMemory,
+    FlushPolicy,
+    Interruption,
+    OnChunk,
+    Outcome,
+    Resume,
+    SamplingParams,
+    TokenLogprob,
+)
+from model_loader.streaming import Decode, TextStream
 
 
 @dataclass
@@ -27,8 +36,21 @@ class TokenSink:
     tokens: int = 0
     last_token: int | None = None
     interrupted: str | None = None
+    logprobs: bool = False  # the request asked for log probabilities: one (or None) is kept per token
     _unpublished_ids: list[int] = field(default_factory=list)
+    _unpublished_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def opened(
+        cls, decode: Decode, params: SamplingParams, on_chunk: OnChunk, interruption: Interruption,
+        flush: FlushPolicy, resume: Resume,
+    ) -> "TokenSink":
+        """The sink for one answer, as every engine opens it: its stop strings, whether it keeps log
+        probabilities, and the tokens earlier attempts published."""
+        sink = cls(TextStream(decode, params.stop), on_chunk, interruption, flush, logprobs=params.logprobs is not None)
+        sink.resume(resume)
+        return sink
 
     def resume(self, resume: Resume) -> None:
         """Start where earlier attempts stopped: their tokens count towards the answer's."""
@@ -42,8 +64,9 @@ class TokenSink:
             return 0
         return max(0, params.max_new_tokens - self.tokens)
 
-    def add(self, token_id: int) -> bool:
-        """Returns True when generation should end here: a stop string appeared, or an interruption."""
+    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> bool:
+        """Returns True when generation should end here: a stop string appeared, or an interruption.
+        `logprob` comes with every token of an answer that asked for them."""
         now = time.perf_counter()
         first = self.first_token_at is None
         if first:
@@ -52,6 +75,8 @@ class TokenSink:
         self.last_token = token_id
         self.stream.add(token_id)
         self._unpublished_ids.append(token_id)
+        if self.logprobs:
+            self._unpublished_logprobs.append(logprob)
         due = len(self._unpublished_ids) >= self.flush.every_tokens or now - self._last_flush >= self.flush.every_s
         if first or due:
             self._publish(self.stream.take_publishable())
@@ -95,5 +120,6 @@ class TokenSink:
         token decodes to nothing) still belong to the answer a takeover would resume."""
         self._last_flush = time.perf_counter()
         if chunk or (final and self._unpublished_ids):
-            self.on_chunk(chunk, self._unpublished_ids)
+            self.on_chunk(chunk, self._unpublished_ids, self._unpublished_logprobs)
             self._unpublished_ids = []
+            self._unpublished_logprobs = []

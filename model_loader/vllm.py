@@ -38,6 +38,7 @@ from model_loader.contract import (
     EngineRestarted,
     FlushPolicy,
     SamplingParams,
+    TokenLogprob,
 )
 from model_loader.engine_server import EngineServer
 from model_loader.served import ServedEngine
@@ -117,7 +118,7 @@ class VllmEngine(ServedEngine):
         context = settings.usable_context(context_window(self._folder, settings.context_window))
         self.capabilities = Capabilities(
             engine="vllm", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
-            grammar=True,
+            grammar=True, logprobs=True,
         )
         # vLLM binds the worker's OpenMP threads itself (every physical core but one, which its busy-polling
         # scheduler keeps); this sets the torch threads of its other processes.
@@ -170,8 +171,9 @@ class VllmEngine(ServedEngine):
                     if "error" in event:
                         self._failed(str(event["error"].get("message", event["error"])), restarts)
                     choice = event["choices"][0]
-                    for token in choice.get("token_ids") or ():
-                        if sink.add(token):
+                    tokens = choice.get("token_ids") or []
+                    for token, logprob in zip(tokens, _logprobs(tokens, choice, params.logprobs)):
+                        if sink.add(token, logprob):
                             return  # closing the stream aborts the request in the server
                     if choice.get("finish_reason"):
                         self._learn_eos(choice, sink)
@@ -252,11 +254,26 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int, eos_ids: 
         body |= {"top_p": params.top_p, "top_k": params.top_k or -1}  # -1: no top-k in vLLM
     if params.seed is not None:
         body["seed"] = params.seed
+    if params.logprobs is not None:  # the model's own (raw) log probabilities, alternatives named by id
+        body |= {"logprobs": params.logprobs, "return_tokens_as_token_ids": True}
     if params.json_schema is not None:
         body["structured_outputs"] = {"json": json.loads(params.json_schema)}
     elif params.grammar is not None:
         body["structured_outputs"] = {"grammar": params.grammar}
     return body
+
+
+def _logprobs(tokens: list[int], choice: dict, top: int | None) -> list[TokenLogprob | None]:
+    """Each token's log probabilities from the chunk's `logprobs` (alternatives keyed `token_id:<id>`)."""
+    given = choice.get("logprobs")
+    if top is None or not given:
+        return [None] * len(tokens)
+    alternatives = given.get("top_logprobs") or [{}] * len(tokens)
+    return [
+        TokenLogprob(logprob, sorted(((int(key.removeprefix("token_id:")), value) for key, value in (alts or {}).items()),
+                                     key=lambda pair: -pair[1])[:top])
+        for logprob, alts in zip(given["token_logprobs"], alternatives)
+    ]
 
 
 class _Replay:
@@ -272,9 +289,9 @@ class _Replay:
     def last_token(self) -> int | None:
         return self._sink.last_token
 
-    def add(self, token_id: int) -> bool:
+    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> bool:
         if self._seen == len(self._published):
-            return self._sink.add(token_id)
+            return self._sink.add(token_id, logprob)
         if token_id != self._published[self._seen]:
             raise RuntimeError(
                 f"vLLM could not take up this constrained answer: generated again, it left the published tokens "

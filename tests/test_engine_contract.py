@@ -7,6 +7,7 @@ published tokens, handing back, and surviving the engine's death.
 """
 
 import json
+import math
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from tokenizers import Tokenizer
 
 from core.protocol import HANDED_BACK, GenerateRequest
 from core.settings import Settings
-from model_loader.contract import Engine, EngineRestarted, Resume, SamplingParams
+from model_loader.contract import Engine, EngineRestarted, Resume, SamplingParams, TokenLogprob
 from model_loader.factory import make_engine
 from prompts import build_prompt, load_formatter
 from tests.conftest import MODEL_CACHE
@@ -65,10 +66,12 @@ class Recorder:
     def __init__(self) -> None:
         self.texts: list[str] = []
         self.chunk_ids: list[list[int]] = []
+        self.logprobs: list[TokenLogprob] = []
 
-    def __call__(self, text: str, ids: list[int]) -> None:
+    def __call__(self, text: str, ids: list[int], logprobs: list[TokenLogprob]) -> None:
         self.texts.append(text)
         self.chunk_ids.append(list(ids))
+        self.logprobs += logprobs
 
     @property
     def ids(self) -> list[int]:
@@ -230,13 +233,39 @@ def test_a_grammar_cut_short_by_the_token_limit_ends_at_length(engine: Engine, t
     assert answer.finish_reason == "length" and answer.completion_tokens == 5 and answer.text.startswith("{")
 
 
+def test_each_token_carries_its_log_probability_and_alternatives(engine: Engine, tokenizer_dir: Path) -> None:
+    """Greedy, each token is the likeliest: its log probability is the first alternative's. A takeover's
+    continuation carries its own tokens' (the published ones keep theirs in Redis)."""
+    if not engine.capabilities.logprobs:
+        assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
+        return  # the heartbeat says so, and the API refuses logprobs while such a worker is live
+    ids = prompt(engine, "What is the capital of France?", tokenizer_dir)
+    params = SamplingParams(max_new_tokens=16, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0, logprobs=3)
+    chunks = Recorder()
+    whole = engine.generate(ids, params, chunks)
+    assert len(chunks.logprobs) == whole.completion_tokens == len(chunks.ids)
+    for token, scored in zip(chunks.ids, chunks.logprobs):
+        assert scored is not None and len(scored.top) == 3
+        (best, best_logprob), *others = scored.top
+        assert best == token and math.isclose(scored.logprob, best_logprob, abs_tol=1e-3), (token, scored)
+        assert all(logprob <= best_logprob + 1e-6 for _, logprob in others) and best_logprob <= 0
+        assert sum(math.exp(logprob) for _, logprob in scored.top) <= 1 + 1e-3
+    rest = Recorder()
+    engine.generate(ids, params, rest, resume=chunks.first(len(chunks.texts) // 2))
+    assert len(rest.logprobs) == len(rest.ids) > 0
+    assert [lp.top[0][0] for lp in rest.logprobs] == rest.ids
+    plain = Recorder()
+    engine.generate(ids, greedy(4), plain)
+    assert plain.logprobs == [], "none unless asked for"
+
+
 def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:
     ids = prompt(engine, STORY, tokenizer_dir)
     chunks = Recorder()
     cancel = threading.Event()
 
-    def on_chunk(text: str, token_ids: list[int]) -> None:
-        chunks(text, token_ids)
+    def on_chunk(text: str, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
+        chunks(text, token_ids, logprobs)
         cancel.set()
 
     outcome = engine.generate(ids, greedy(400), on_chunk, interruption=lambda: "cancelled" if cancel.is_set() else None)
@@ -252,8 +281,8 @@ def test_a_handed_back_answer_keeps_its_held_back_text_for_the_next_attempt(engi
     chunks = Recorder()
     stopping = threading.Event()
 
-    def on_chunk(text: str, token_ids: list[int]) -> None:
-        chunks(text, token_ids)
+    def on_chunk(text: str, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
+        chunks(text, token_ids, logprobs)
         stopping.set()
 
     outcome = engine.generate(ids, greedy(24, stop=(stop,)), on_chunk, interruption=lambda: HANDED_BACK if stopping.is_set() else None)
@@ -271,7 +300,7 @@ def test_an_engine_that_dies_hands_its_task_back_and_serves_on(engine: Engine, t
     server = engine.server  # type: ignore[attr-defined]
     killed = threading.Event()
 
-    def on_chunk(text: str, token_ids: list[int]) -> None:
+    def on_chunk(text: str, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
         if not killed.is_set():
             killed.set()
             os.kill(server.pid, signal.SIGKILL)

@@ -69,7 +69,7 @@ Published = list[tuple[str, list[int]]]
 def sink_for(tokenizer, stop: tuple[str, ...], out: Published) -> TokenSink:  # type: ignore[no-untyped-def]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     flush = FlushPolicy(every_tokens=3, every_s=3600)
-    return TokenSink(TextStream(decode, stop), lambda text, ids: out.append((text, list(ids))), never, flush)
+    return TokenSink(TextStream(decode, stop), lambda text, ids, logprobs: out.append((text, list(ids))), never, flush)
 
 
 def feed(sink: TokenSink, token_ids: list[int]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from core.protocol import HANDED_BACK
 from core.store import TaskStore
+from model_loader.contract import TokenLogprob
 
 CHECK_S = 1.0
 
@@ -43,10 +44,12 @@ class Interruptions:
         self._progress = progress
         self._appended = 0
 
-    def publish(self, text: str, token_ids: list[int]) -> None:
+    def publish(self, text: str, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
         """The engine's `on_chunk`: append, and keep what the append said."""
         number, self._appended = self._appended, self._appended + 1
-        self._reason = self._reason or self._store.append_chunk(self._task_id, self._attempt, number, text, token_ids)
+        self._reason = self._reason or self._store.append_chunk(
+            self._task_id, self._attempt, number, text, token_ids, logprobs
+        )
         self._heard_at = time.monotonic()
 
     def __call__(self) -> str | None:
