@@ -153,8 +153,8 @@ class StreamBroken(Exception):
     """The answer cannot go on in this stream: the task failed or expired."""
 
 
-async def texts_then_result(services: Services, task_id: str) -> AsyncIterator[str | TaskView]:
-    """Each chunk's text as it comes, then the task's final view: for the routes that stream an answer.
+async def chunks_then_result(services: Services, task_id: str) -> AsyncIterator[StreamEntry | TaskView]:
+    """Each chunk as it comes, then the task's final view: for the routes that stream an answer.
 
     A worker that dies or stops mid-answer changes nothing here: the attempt that takes the task
     over goes on after the last chunk. A client that goes away before the end (the iteration is
@@ -164,7 +164,7 @@ async def texts_then_result(services: Services, task_id: str) -> AsyncIterator[s
         async for entry in follow(services.aredis, task_id):
             if entry.ended:
                 break
-            yield entry.text or ""
+            yield entry
         yield await final_view(services, task_id)
     except (GeneratorExit, anyio.get_cancelled_exc_class()):
         services.store.request_cancel(task_id)

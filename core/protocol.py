@@ -257,6 +257,9 @@ HANDED_BACK = "handed_back"
 class Chunk(BaseModel):
     cursor: str = Field(description="Pass as ?after= to get only later chunks.")
     text: str
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = Field(
+        None, description="With `logprobs` asked for: each token's id, log probability and likeliest alternatives."
+    )
 
 
 class StreamedChunk(BaseModel):

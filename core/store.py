@@ -503,7 +503,8 @@ class TaskStore:
 def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str | None) -> TaskView:
     fields = {k.decode(): v.decode() for k, v in record.items()}
     chunks = [
-        Chunk(cursor=entry_id.decode(), text=data[b"text"].decode()) for entry_id, data in entries if b"text" in data
+        Chunk(cursor=entry_id.decode(), text=data[b"text"].decode(), logprobs=_scored(data))
+        for entry_id, data in entries if b"text" in data
     ]
     view: dict[str, object] = {
         "task_id": task_id,
@@ -523,3 +524,11 @@ def _to_view(task_id: str, record: dict[bytes, bytes], entries: list, after: str
             del result["text"]
         view |= result
     return TaskView.model_validate(view)
+
+
+def _scored(fields: dict[bytes, bytes]) -> list[tuple[int, float | None, list]] | None:
+    """A chunk's tokens with their log probabilities, for an answer that asked for them."""
+    if b"logprobs" not in fields:
+        return None
+    ids = [int(t) for t in fields.get(b"tokens", b"").split()]
+    return [(token_id, *(scored or (None, []))) for token_id, scored in zip(ids, json.loads(fields[b"logprobs"]))]

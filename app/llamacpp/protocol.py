@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.protocol import MIN_REPETITION_PENALTY, Text
+from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 
 
 class CompletionRequest(BaseModel):
@@ -27,6 +27,7 @@ class CompletionRequest(BaseModel):
     repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     json_schema: dict[str, Any] | None = Field(None, description="The answer follows this schema; {} is any object.")
     grammar: str | None = Field(None, description="GBNF; wins over json_schema, as in llama.cpp. Empty is none.")
+    n_probs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; 0: no probabilities.")
     cache_prompt: bool = True
     id_slot: int = -1
     slot_id: int | None = None
@@ -41,6 +42,19 @@ class Timings(BaseModel):
     predicted_ms: float
     predicted_per_token_ms: float
     predicted_per_second: float
+
+
+class TopProbability(BaseModel):
+    id: int
+    token: str
+    bytes: list[int]
+    logprob: float | None
+
+
+class TokenProbability(TopProbability):
+    """llama-server's `completion_probabilities` entry (with `post_sampling_probs` off: log probabilities)."""
+
+    top_logprobs: list[TopProbability]
 
 
 class CompletionResult(BaseModel):
@@ -61,11 +75,13 @@ class CompletionResult(BaseModel):
     id_slot: int = 0
     slot_id: int = 0
     timings: Timings
+    completion_probabilities: list[TokenProbability] | None = None
 
 
 class StreamPiece(BaseModel):
     content: str
     stop: Literal[False] = False
+    completion_probabilities: list[TokenProbability] | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from tokenizers import Tokenizer
 
 from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
@@ -20,13 +21,24 @@ from app.llamacpp.protocol import (
     DetokenizeResponse,
     Piece,
     StreamPiece,
+    TokenProbability,
+    TopProbability,
     Timings,
     TokenizeRequest,
     TokenizeResponse,
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import CLIENT_GONE, StreamBroken, admit_streaming, final_view, texts_then_result, until_ended
+from app.tokens import spoken, token_raw, token_text
+from app.streams import (
+    CLIENT_GONE,
+    StreamBroken,
+    StreamEntry,
+    admit_streaming,
+    chunks_then_result,
+    final_view,
+    until_ended,
+)
 from core.protocol import TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
@@ -49,7 +61,11 @@ async def completion(body: CompletionRequest, request: Request, services: Servic
         view = await final_view(services, task_id)
     except StreamBroken as exc:
         return envelope(500, str(exc))
-    return JSONResponse(_result(view, body, services.settings).model_dump(), headers={"X-Task-Id": task_id})
+    result = _result(view, body, services.settings)
+    if body.n_probs:
+        scored = await run_in_threadpool(services.store.logprobs, task_id)
+        result.completion_probabilities = _probabilities(scored, services.tokenizer)
+    return JSONResponse(result.model_dump(exclude_none=True), headers={"X-Task-Id": task_id})
 
 
 # Tokenizing is CPU work in the API process: a few at a time, on threads of their own, so that a
@@ -109,6 +125,7 @@ def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
         "stop": body.stop,
         "seed": None if body.seed == -1 else body.seed,
         "repetition_penalty": body.repeat_penalty,
+        "logprobs": body.n_probs or None,
         "grammar": body.grammar or None,
         "json_schema": None if body.grammar else body.json_schema,
     }
@@ -153,6 +170,20 @@ def _result(
     )
 
 
+def _probabilities(scored: list[tuple[int, list | None]], tokenizer: Tokenizer) -> list[TokenProbability]:
+    """Each token's entry as llama-server writes it, from the log probabilities kept with the chunks."""
+
+    def top(token_id: int, logprob: float | None) -> TopProbability:
+        return TopProbability(id=token_id, token=token_text(tokenizer, token_id),
+                              bytes=list(token_raw(tokenizer, token_id)), logprob=logprob)
+
+    return [
+        TokenProbability(**top(token_id, lp[0] if lp else None).model_dump(),
+                         top_logprobs=[top(i, p) for i, p in (lp[1] if lp else [])])
+        for token_id, lp in spoken(tokenizer, scored)
+    ]
+
+
 def _timings(view: TaskView) -> Timings:
     """llama.cpp's split: the prompt until the first token, the prediction after it."""
     prompt_n = view.usage.prompt_tokens if view.usage else 0
@@ -175,10 +206,13 @@ async def _pieces(services: Services, task_id: str, body: CompletionRequest) -> 
     """`{"content", "stop": false}` per chunk, then the whole result with `stop: true` and no
     text of its own (it was streamed), and no `[DONE]`: llama.cpp's stream."""
     try:
-        async for item in texts_then_result(services, task_id):
-            if isinstance(item, str):
-                yield StreamPiece(content=item).model_dump_json()
+        async for item in chunks_then_result(services, task_id):
+            if isinstance(item, StreamEntry):
+                scored = _probabilities(list(zip(item.token_ids, item.logprobs)), services.tokenizer) or None
+                yield StreamPiece(content=item.text or "", completion_probabilities=scored).model_dump_json(
+                    exclude_none=True
+                )
             else:
-                yield _result(item, body, services.settings, content="").model_dump_json()
+                yield _result(item, body, services.settings, content="").model_dump_json(exclude_none=True)
     except StreamBroken as exc:
         yield json.dumps({"error": {"code": 500, "message": str(exc), "type": "server_error"}})

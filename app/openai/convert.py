@@ -1,18 +1,29 @@
 """OpenAI requests onto the one internal request, and task results back into OpenAI's shapes."""
 
 import time
+from collections.abc import Callable
+
+from tokenizers import Tokenizer
 
 from app.openai.errors import OpenAIError
 from app.openai.protocol import (
     ChatCompletionRequest,
+    ChoiceLogprobs,
+    CompletionLogprobs,
     CompletionRequest,
+    ContentLogprob,
+    Delta,
+    DeltaToolCall,
+    TopLogprob,
     FunctionCall,
     NamedToolChoice,
     Sampling,
     ToolCall,
     Usage,
 )
-from app.openai.tools import call_id, call_turn, read_answer, result_turn, tool_fields
+from app.openai.tools import ToolStream, call_id, call_turn, read_answer, result_turn, tool_fields
+from app.streams import StreamEntry
+from app.tokens import spoken, token_raw, token_text
 from core.protocol import Role, TaskView
 from prompts.tools import Call, Function
 
@@ -45,7 +56,10 @@ def refuse_unsupported(option: str | None) -> None:
         )
 
 
-def check_tools(body: ChatCompletionRequest) -> None:
+def check_chat(body: ChatCompletionRequest) -> None:
+    """What Chat's own fields must agree on, each refusal naming its parameter."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     if body.tool_choice not in (None, "none") and not body.tools:
         raise OpenAIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
     if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names(body):
@@ -66,7 +80,46 @@ def chat_request(body: ChatCompletionRequest, default_system_prompt: str) -> dic
         else:
             turns.append({"role": ROLES[message.role], "content": message.text()})
     tools = tool_fields(turns, _functions(body), body.tool_mode(), body.parallel_tool_calls, default_system_prompt)
-    return _sampling(body, body.max_completion_tokens or body.max_tokens) | tools
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _sampling(body, body.max_completion_tokens or body.max_tokens) | tools | _set(logprobs=logprobs)
+
+
+class ChatStream:
+    """A streamed chat answer's chunks: the content as the tools let it go out, each with its tokens'
+    log probabilities when asked for (those of text held back go with the next chunk), and at the end
+    the text held back, the calls and the finishing chunk."""
+
+    def __init__(
+        self, body: ChatCompletionRequest, task_id: str, tokenizer: Tokenizer,
+        chunk: Callable[[Delta, str | None, ChoiceLogprobs | None], str],
+    ) -> None:
+        self._task_id = task_id
+        self._tokenizer = tokenizer
+        self._chunk = chunk
+        self._logprobs = body.logprobs
+        self._tools = ToolStream(body.tool_mode(), names(body))
+        self._scored: Scored = []
+
+    def delta(self, entry: StreamEntry) -> list[str]:
+        content = self._tools.content(entry.text or "")
+        if self._logprobs:
+            self._scored += zip(entry.token_ids, entry.logprobs)
+        return [self._chunk(Delta(content=content), None, self._take_logprobs())] if content else []
+
+    def last(self, view: TaskView) -> list[str]:
+        rest, calls = self._tools.end()
+        deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(tool_calls(calls, self._task_id))]
+        return [
+            *([self._chunk(Delta(content=rest), None, self._take_logprobs())] if rest else []),
+            *([self._chunk(Delta(tool_calls=deltas), None, self._take_logprobs())] if deltas else []),
+            self._chunk(Delta(), finish_reason(view, deltas), self._take_logprobs()),
+        ]
+
+    def _take_logprobs(self) -> ChoiceLogprobs | None:
+        if not self._scored:
+            return None
+        scored, self._scored = self._scored, []
+        return chat_logprobs(scored, self._tokenizer)
 
 
 def answer_of(body: ChatCompletionRequest, text: str, task_id: str) -> tuple[str | None, list[ToolCall]]:
@@ -94,7 +147,39 @@ def _functions(body: ChatCompletionRequest) -> list[Function]:
 
 def completion_request(body: CompletionRequest) -> dict[str, object]:
     """A Completions prompt is the model's raw input: no chat template, no system prompt."""
-    return _sampling(body, body.max_tokens) | {"prompt": body.prompt, "raw": True}
+    return _sampling(body, body.max_tokens) | {"prompt": body.prompt, "raw": True} | _set(logprobs=body.logprobs)
+
+
+def _set(**values: object) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+Scored = list[tuple[int, list | None]]  # each token and its `[logprob, [[id, logprob], ...]]` (TaskStore.logprobs)
+
+
+def chat_logprobs(tokens: Scored, tokenizer: Tokenizer) -> ChoiceLogprobs:
+    def top(token_id: int, logprob: float | None) -> TopLogprob:
+        return TopLogprob(token=token_text(tokenizer, token_id), logprob=logprob,
+                          bytes=list(token_raw(tokenizer, token_id)))
+
+    return ChoiceLogprobs(content=[
+        ContentLogprob(**top(token_id, scored[0] if scored else None).model_dump(),
+                       top_logprobs=[top(i, lp) for i, lp in (scored[1] if scored else [])])
+        for token_id, scored in spoken(tokenizer, tokens)
+    ])
+
+
+def completion_logprobs(tokens: Scored, tokenizer: Tokenizer, offset: int = 0) -> CompletionLogprobs:
+    """`offset`: where these tokens' text starts in the answer (a streamed chunk's)."""
+    tokens = spoken(tokenizer, tokens)
+    texts = [token_text(tokenizer, token_id) for token_id, _ in tokens]
+    offsets = [offset + sum(len(text) for text in texts[:i]) for i in range(len(texts))]
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[scored[0] if scored else None for _, scored in tokens],
+        top_logprobs=[{token_text(tokenizer, i): lp for i, lp in (scored[1] if scored else [])} for _, scored in tokens],
+        text_offset=offsets,
+    )
 
 
 def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:

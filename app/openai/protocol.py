@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.constraints import ANY_OBJECT
-from core.protocol import MIN_REPETITION_PENALTY, Text
+from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 
 
 class TextPart(BaseModel):
@@ -83,8 +83,6 @@ class StreamOptions(BaseModel):
 class Unsupported(BaseModel):
     """OpenAI options this server does not implement: each refused with a 400 naming it when used."""
 
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     logit_bias: dict[str, float] | None = None
@@ -96,7 +94,7 @@ class Unsupported(BaseModel):
 
     def first_used(self) -> str | None:
         neutral: dict[str, object] = {
-            "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False,
+            "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False,
             "logit_bias": {}, "functions": [],
         }
         return first_set(self, Unsupported, neutral)
@@ -174,6 +172,8 @@ class Sampling(Unsupported):
 
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Needs logprobs: true.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = Field(None, description="Default: auto with tools, none without.")
@@ -188,6 +188,7 @@ class ChatCompletionRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: Text = Field(description="One prompt, as the model's raw input (no chat template).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token.")
 
 
 class Usage(BaseModel):
@@ -197,6 +198,32 @@ class Usage(BaseModel):
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat's: one entry per token of the answer (or of the chunk, streamed)."""
+
+    content: list[ContentLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' (the legacy shape): parallel lists, alternatives as {token: logprob}."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class AssistantMessage(BaseModel):
@@ -209,7 +236,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -235,7 +262,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -251,7 +278,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -15,19 +15,19 @@ from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
 from app.openai import convert
 from app.openai.errors import OpenAIError
-from app.openai.tools import ToolStream
 from app.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
-    DeltaToolCall,
     ErrorDetail,
     ErrorResponse,
     Model,
@@ -36,7 +36,15 @@ from app.openai.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.streams import CLIENT_GONE, StreamBroken, admit_streaming, final_view, texts_then_result, until_ended
+from app.streams import (
+    CLIENT_GONE,
+    StreamBroken,
+    StreamEntry,
+    admit_streaming,
+    chunks_then_result,
+    final_view,
+    until_ended,
+)
 from core.protocol import TaskView
 from model_loader.source import model_name
 
@@ -68,15 +76,15 @@ def get_model(model_id: str, services: ServicesDep) -> Model:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> Response:
-    convert.check_tools(body)
+    convert.check_chat(body)
     fields = convert.chat_request(body, services.settings.default_system_prompt)
     task_id, on_close = await admit_streaming(
         services, caller, body.stream, lambda: _admit(body, fields, services, caller)
     )
     answer_id, created = f"chatcmpl-{task_id}", convert.created_now()
 
-    def chunk(delta: Delta, finish: str | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)  # type: ignore[arg-type]
+    def chunk(delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
         answer = ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[choice])
         return answer.model_dump_json()
 
@@ -87,23 +95,9 @@ async def chat_completions(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        tools = ToolStream(body.tool_mode(), convert.names(body))
-
-        def delta(text: str) -> list[str]:
-            content = tools.content(text)
-            return [chunk(Delta(content=content))] if content else []
-
-        def last(view: TaskView) -> list[str]:
-            rest, calls = tools.end()
-            deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(convert.tool_calls(calls, task_id))]
-            return [
-                *([chunk(Delta(content=rest))] if rest else []),
-                *([chunk(Delta(tool_calls=deltas))] if deltas else []),
-                chunk(Delta(), convert.finish_reason(view, deltas)),
-            ]
-
+        answer = convert.ChatStream(body, task_id, services.tokenizer, chunk)
         events = _stream(
-            services, task_id, chunk(Delta(role="assistant", content="")), delta, last,
+            services, task_id, chunk(Delta(role="assistant", content="")), answer.delta, answer.last,
             usage_chunk if include_usage else None,
         )
         return sse_response(events, {"X-Task-Id": task_id}, on_close)
@@ -112,7 +106,11 @@ async def chat_completions(
         return Response(status_code=CLIENT_GONE)
     content, calls = convert.answer_of(body, view.text, task_id)
     message = AssistantMessage(content=content, tool_calls=calls or None)
-    choice = ChatChoice(message=message, finish_reason=convert.finish_reason(view, calls))  # type: ignore[arg-type]
+    logprobs = None
+    if body.logprobs:
+        logprobs = convert.chat_logprobs(await run_in_threadpool(services.store.logprobs, task_id), services.tokenizer)
+    finish = convert.finish_reason(view, calls)
+    choice = ChatChoice(message=message, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
     answer = ChatCompletion(
         id=answer_id, created=created, model=body.model, choices=[choice], usage=convert.usage(view)
     )
@@ -130,13 +128,24 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
         usage = convert.usage(view) if view is not None else None
         return Completion(id=answer_id, created=created, model=body.model, choices=choices, usage=usage)
 
-    def chunk(text: str, finish: str | None = None) -> str:
-        return answer([CompletionChoice(text=text, finish_reason=finish)]).model_dump_json()  # type: ignore[arg-type]
+    def chunk(text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        return answer([choice]).model_dump_json()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offset = 0
+
+        def delta(entry: StreamEntry) -> list[str]:
+            nonlocal offset
+            scored = None
+            if body.logprobs is not None:
+                scored = convert.completion_logprobs(list(zip(entry.token_ids, entry.logprobs)), services.tokenizer, offset)
+            offset += len(entry.text or "")
+            return [chunk(entry.text or "", logprobs=scored)]
+
         events = _stream(
-            services, task_id, None, lambda text: [chunk(text)],
+            services, task_id, None, delta,
             lambda view: [chunk("", convert.finish_reason(view))],
             (lambda view: answer([], view).model_dump_json()) if include_usage else None,
         )
@@ -144,7 +153,12 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     view = await _result(services, task_id, request)
     if view is None:
         return Response(status_code=CLIENT_GONE)
-    choice = CompletionChoice(text=view.text, finish_reason=convert.finish_reason(view))  # type: ignore[arg-type]
+    logprobs = None
+    if body.logprobs is not None:
+        scored = await run_in_threadpool(services.store.logprobs, task_id)
+        logprobs = convert.completion_logprobs(scored, services.tokenizer)
+    finish = convert.finish_reason(view)
+    choice = CompletionChoice(text=view.text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
     return JSONResponse(answer([choice], view).model_dump(), headers={"X-Task-Id": task_id})
 
 
@@ -169,7 +183,7 @@ async def _stream(
     services: Services,
     task_id: str,
     first: str | None,
-    delta: Callable[[str], list[str]],
+    delta: Callable[[StreamEntry], list[str]],
     last: Callable[[TaskView], list[str]],
     usage: Callable[[TaskView], str] | None,
 ) -> AsyncIterator[str]:
@@ -178,8 +192,8 @@ async def _stream(
     if first is not None:
         yield first
     try:
-        async for item in texts_then_result(services, task_id):
-            if isinstance(item, str):
+        async for item in chunks_then_result(services, task_id):
+            if isinstance(item, StreamEntry):
                 for event in delta(item):
                     yield event
                 continue
