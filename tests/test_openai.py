@@ -77,7 +77,7 @@ def test_completions_take_the_raw_prompt(sdk: openai.OpenAI, api_url: str) -> No
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
+    [({"n": 2}, "n"), ({"logit_bias": {"1": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
      ({"functions": [{"name": "f"}]}, "functions"), ({"max_tokens": 0}, "max_tokens"),
      ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages")],
 )
