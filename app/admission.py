@@ -19,6 +19,7 @@ from app.deps import Services
 from app.errors import field_error
 from app.limits import (
     check_capabilities,
+    check_token_ids,
     check_kept_bytes,
     check_message_count,
     check_prompt_chars,
@@ -59,6 +60,7 @@ def admit(
     check_message_count(body, settings.max_messages)
     check_prompt_chars(body, settings.max_prompt_chars)
     check_reserved_text(body, services.formatter)
+    check_token_ids(body, services.tokenizer.get_vocab_size(with_added_tokens=True))
     try:
         build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
     except PromptTooLong as exc:

@@ -32,7 +32,8 @@ def check_message_count(body: GenerateRequest, limit: int) -> None:
 # A request option and the capability a worker's engine must report for it.
 OPTION_CAPABILITIES = {
     "seed": "seed", "repetition_penalty": "repetition_penalty", "json_schema": "grammar", "grammar": "grammar",
-    "logprobs": "logprobs",
+    "logprobs": "logprobs", "presence_penalty": "penalties", "frequency_penalty": "penalties",
+    "logit_bias": "penalties",
 }
 
 
@@ -46,6 +47,9 @@ def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> Non
         "json_schema": body.json_schema is not None,
         "grammar": body.grammar is not None,
         "logprobs": body.logprobs is not None,
+        "presence_penalty": body.presence_penalty != 0,
+        "frequency_penalty": body.frequency_penalty != 0,
+        "logit_bias": bool(body.logit_bias),
     }
     for option, capability in OPTION_CAPABILITIES.items():
         lacking = [w for w in workers if used[option] and w.capabilities.get(capability) is False]
@@ -55,6 +59,12 @@ def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> Non
                 option, f"{option} is not supported by worker {lacking[0].name} ({engine} engine, "
                 f"{lacking[0].slots} slots); WORKER_CONCURRENCY=1 or ENGINE=llamacpp supports it"
             )
+
+
+def check_token_ids(body: GenerateRequest, vocabulary: int) -> None:
+    """A logit_bias for an id outside the vocabulary would fail the task in the engine."""
+    if unknown := [token_id for token_id in body.logit_bias if not 0 <= token_id < vocabulary]:
+        raise field_error("logit_bias", f"token id {unknown[0]} is not in the vocabulary (0 to {vocabulary - 1})")
 
 
 def check_prompt_chars(body: GenerateRequest, limit: int) -> None:

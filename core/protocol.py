@@ -29,6 +29,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 MAX_STOP_TOTAL_CHARS = 1024
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
 
 
 def _encodable(text: str) -> str:
@@ -80,6 +81,11 @@ class GenerateRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0 disables top-k; above the vocabulary it is the vocabulary.")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
+    presence_penalty: float = Field(0, ge=-2, le=2, description="Subtracted from a token's logit once it has appeared.")
+    frequency_penalty: float = Field(0, ge=-2, le=2, description="Subtracted once per time a token has appeared.")
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS, description="Added to these token ids' logits."
+    )
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     json_schema: dict[str, Any] | None = Field(
@@ -169,6 +175,9 @@ class GenerateRequest(BaseModel):
             top_p=full.top_p,  # type: ignore[arg-type]
             top_k=full.top_k,  # type: ignore[arg-type]
             repetition_penalty=full.repetition_penalty,  # type: ignore[arg-type]
+            presence_penalty=full.presence_penalty,
+            frequency_penalty=full.frequency_penalty,
+            logit_bias=tuple(full.logit_bias.items()),
             seed=full.seed,
             stop=tuple(full.stop),
             json_schema=None if full.json_schema is None else json.dumps(full.json_schema),
@@ -186,6 +195,9 @@ class SamplingParams:
     top_p: float
     top_k: int
     repetition_penalty: float
+    presence_penalty: float = 0.0  # OpenAI's: over the answer's tokens so far
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # token id, added to its logit
     seed: int | None = None
     stop: tuple[str, ...] = ()
     json_schema: str | None = None  # the schema as JSON text (hashable, and what a server is sent)

@@ -60,7 +60,7 @@ class BatchingEngine:
         self.flush = flush
         self.capabilities = Capabilities(
             engine="transformers", slots=settings.worker_slots, context_tokens=context_tokens, seed=False,
-            repetition_penalty=False, grammar=False, logprobs=False,
+            repetition_penalty=False, grammar=False, logprobs=False, penalties=False,
         )
         self._settings = settings
         self._eos_ids = eos_ids(loaded)

@@ -39,6 +39,7 @@ class Capabilities:
     repetition_penalty: bool
     grammar: bool  # decoding constrained by a JSON schema or a GBNF grammar, resumable after a takeover
     logprobs: bool  # each token's log probability and its likeliest alternatives
+    penalties: bool  # presence and frequency penalties, and logit_bias
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -88,7 +88,7 @@ class LlamaCppEngine(ServedEngine):
         context = settings.usable_context(context_window(folder, settings.context_window))
         self.capabilities = Capabilities(
             engine="llamacpp", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
-            grammar=True, logprobs=True,
+            grammar=True, logprobs=True, penalties=True,
         )
         self.server = EngineServer(
             "llama-server", self._command, "/health", settings.engine_start_timeout_s, port=settings.engine_port
@@ -191,7 +191,11 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int) -> dict[s
         "min_p": 0.0,
         "repeat_penalty": params.repetition_penalty,
         "repeat_last_n": len(ids) + max_new_tokens,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
     }
+    if params.logit_bias:
+        body["logit_bias"] = [[token_id, bias] for token_id, bias in params.logit_bias]
     if params.temperature == 0:
         body |= {"temperature": 0.0, "top_k": 1}
     else:

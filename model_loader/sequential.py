@@ -45,6 +45,27 @@ class _Logprobs(LogitsProcessor):
         return TokenLogprob(float(self.last[token_id]), [(int(i), float(v)) for i, v in zip(ids, values)])
 
 
+class _Penalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the answer's tokens so far (not the prompt's, as in
+    vLLM), and logit_bias added to the ids it names."""
+
+    def __init__(self, params: SamplingParams, prompt_tokens: int, vocab_size: int) -> None:
+        self.presence = params.presence_penalty
+        self.frequency = params.frequency_penalty
+        self.prompt_tokens = prompt_tokens
+        self.bias = torch.zeros(vocab_size)
+        for token_id, bias in params.logit_bias:
+            self.bias[token_id] = bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[0, self.prompt_tokens :]
+        if len(answer) and (self.presence or self.frequency):
+            counts = torch.bincount(answer, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+            scores[0] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        scores[0, : len(self.bias)] += self.bias.to(scores.device, scores.dtype)[: scores.shape[-1]]
+        return scores
+
+
 class _SinkCriterion(StoppingCriteria):
     def __init__(self, sink: TokenSink, logprobs: _Logprobs | None) -> None:
         self.sink = sink
@@ -65,7 +86,7 @@ class SequentialEngine:
         self.flush = flush
         self.capabilities = Capabilities(
             engine="transformers", slots=1, context_tokens=context_tokens, seed=True, repetition_penalty=True,
-            grammar=True, logprobs=True,
+            grammar=True, logprobs=True, penalties=True,
         )
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
@@ -115,8 +136,10 @@ class SequentialEngine:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink, logprobs)]),
-                logits_processor=LogitsProcessorList([*([logprobs] if logprobs else []),
-                                                      *self._grammar_mask(params, resume)]),
+                logits_processor=LogitsProcessorList([
+                    *([logprobs] if logprobs else []), *self._penalties(params, len(input_ids)),
+                    *self._grammar_mask(params, resume),
+                ]),
                 pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
                 eos_token_id=self._eos_ids,
                 **_sampling_kwargs(params, left),
@@ -126,6 +149,11 @@ class SequentialEngine:
         sink.close()
         return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
 
+
+    def _penalties(self, params: SamplingParams, prompt_tokens: int) -> list[LogitsProcessor]:
+        if not (params.presence_penalty or params.frequency_penalty or params.logit_bias):
+            return []
+        return [_Penalties(params, prompt_tokens, self.loaded.model.config.get_text_config().vocab_size)]
 
     def _grammar_mask(self, params: SamplingParams, resume: Resume) -> LogitsProcessorList:
         if not params.constrained:

@@ -118,7 +118,7 @@ class VllmEngine(ServedEngine):
         context = settings.usable_context(context_window(self._folder, settings.context_window))
         self.capabilities = Capabilities(
             engine="vllm", slots=settings.worker_slots, context_tokens=context, seed=True, repetition_penalty=True,
-            grammar=True, logprobs=True,
+            grammar=True, logprobs=True, penalties=True,
         )
         # vLLM binds the worker's OpenMP threads itself (every physical core but one, which its busy-polling
         # scheduler keeps); this sets the torch threads of its other processes.
@@ -248,8 +248,12 @@ def _body(ids: list[int], params: SamplingParams, max_new_tokens: int, eos_ids: 
         "stop_token_ids": eos_ids,
         "skip_special_tokens": True,
         "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
         "temperature": params.temperature,
     }
+    if params.logit_bias:
+        body["logit_bias"] = {str(token_id): bias for token_id, bias in params.logit_bias}
     if params.temperature > 0:
         body |= {"top_p": params.top_p, "top_k": params.top_k or -1}  # -1: no top-k in vLLM
     if params.seed is not None:

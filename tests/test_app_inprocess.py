@@ -62,7 +62,8 @@ def heartbeats(redis_url: str) -> Iterator[Heartbeats]:
 
 def beat(heartbeats: Heartbeats, name: str, **capabilities: bool) -> None:
     caps = Capabilities(
-        engine="transformers", slots=2, context_tokens=512, seed=True, repetition_penalty=True, grammar=True, logprobs=True
+        engine="transformers", slots=2, context_tokens=512, seed=True, repetition_penalty=True, grammar=True, logprobs=True,
+        penalties=True,
     )
     heartbeats.beat(name, ready=True, capabilities=caps.to_json() | capabilities)
 

@@ -259,6 +259,28 @@ def test_each_token_carries_its_log_probability_and_alternatives(engine: Engine,
     assert plain.logprobs == [], "none unless asked for"
 
 
+def test_logit_bias_and_penalties_steer_the_answer(engine: Engine, tokenizer_dir: Path) -> None:
+    if not engine.capabilities.penalties:
+        assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
+        return  # the heartbeat says so, and the API refuses them while such a worker is live
+    ids = prompt(engine, STORY, tokenizer_dir)
+
+    def run(tokens: int, **options: object) -> Recorder:
+        chunks = Recorder()
+        params = SamplingParams(max_new_tokens=tokens, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0,
+                                **options)  # type: ignore[arg-type]
+        engine.generate(ids, params, chunks)
+        return chunks
+
+    plain = run(48)
+    wanted = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(" Zebra").ids[0]
+    assert run(2, logit_bias=((wanted, 100.0),)).ids[0] == wanted
+    assert run(2, logit_bias=((plain.ids[0], -100.0),)).ids[0] != plain.ids[0]
+    penalized = run(48, frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized.ids != plain.ids
+    assert len(set(penalized.ids)) > len(set(plain.ids)), "penalties make the answer repeat itself less"
+
+
 def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:
     ids = prompt(engine, STORY, tokenizer_dir)
     chunks = Recorder()

@@ -77,7 +77,7 @@ def test_completions_take_the_raw_prompt(sdk: openai.OpenAI, api_url: str) -> No
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"n": 2}, "n"), ({"logit_bias": {"1": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
+    [({"n": 2}, "n"), ({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
      ({"functions": [{"name": "f"}]}, "functions"), ({"max_tokens": 0}, "max_tokens"),
      ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages")],
 )
@@ -126,3 +126,18 @@ def test_keys_and_a_full_queue_reach_the_sdk_as_its_own_errors(
             with pytest.raises(openai.RateLimitError) as caught:
                 owner.chat.completions.create(**body)
     assert int(caught.value.response.headers["retry-after"]) > 0
+
+
+def test_logit_bias_and_penalties_reach_the_engine(sdk: openai.OpenAI, api_url: str) -> None:
+    """Greedy, a banned first token changes the answer's start; penalties change a long answer."""
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 24}
+    plain = sdk.chat.completions.create(**ask, logprobs=True)
+    first = plain.choices[0].logprobs.content[0]
+    tokens = httpx.post(f"{api_url}/tokenize", json={"content": first.token}, timeout=30).json()["tokens"]
+    banned = sdk.chat.completions.create(**ask, logit_bias={str(tokens[0]): -100})
+    assert not banned.choices[0].message.content.startswith(first.token)
+    penalized = sdk.chat.completions.create(**ask, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized.choices[0].message.content != plain.choices[0].message.content
+    llama = httpx.post(f"{api_url}/completion", json={"prompt": "The capital of France is", "n_predict": 4,
+                                                       "temperature": 0, "logit_bias": [[tokens[0], False]]}, timeout=60)
+    assert llama.status_code == 200 and not llama.json()["content"].startswith(first.token)

@@ -27,6 +27,11 @@ class CompletionRequest(BaseModel):
     repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     json_schema: dict[str, Any] | None = Field(None, description="The answer follows this schema; {} is any object.")
     grammar: str | None = Field(None, description="GBNF; wins over json_schema, as in llama.cpp. Empty is none.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: list[tuple[int, float | Literal[False]]] | dict[str, float | Literal[False]] | None = Field(
+        None, description="[[id, bias], ...] or {id: bias}; false bans the token, as in llama.cpp."
+    )
     n_probs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; 0: no probabilities.")
     cache_prompt: bool = True
     id_slot: int = -1

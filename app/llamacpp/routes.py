@@ -126,10 +126,21 @@ def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
         "seed": None if body.seed == -1 else body.seed,
         "repetition_penalty": body.repeat_penalty,
         "logprobs": body.n_probs or None,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logit_bias": _biases(body.logit_bias),
         "grammar": body.grammar or None,
         "json_schema": None if body.grammar else body.json_schema,
     }
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _biases(given: list | dict | None) -> dict[str, float] | None:
+    """llama.cpp's logit_bias, as pairs or a map, onto ours; false (ban the token) is the lowest bias."""
+    if not given:
+        return None
+    pairs = given.items() if isinstance(given, dict) else given
+    return {str(token_id): -100.0 if bias is False else bias for token_id, bias in pairs}
 
 
 def _defaults(settings: Settings) -> dict[str, object]:

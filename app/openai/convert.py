@@ -193,6 +193,9 @@ def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
         "seed": body.seed,
         "stop": body.stops() or None,
         "json_schema": body.response_format.schema_wanted() if body.response_format else None,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logit_bias": body.logit_bias,
     }
     return {key: value for key, value in values.items() if value is not None}
 

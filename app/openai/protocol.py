@@ -85,17 +85,14 @@ class Unsupported(BaseModel):
 
     functions: list[Any] | None = None
     function_call: Any = None
-    logit_bias: dict[str, float] | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
 
     def first_used(self) -> str | None:
         neutral: dict[str, object] = {
-            "frequency_penalty": 0, "presence_penalty": 0, "best_of": 1, "echo": False,
-            "logit_bias": {}, "functions": [],
+            "best_of": 1, "echo": False,
+            "functions": [],
         }
         return first_set(self, Unsupported, neutral)
 
@@ -156,6 +153,9 @@ class Sampling(Unsupported):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="Token ids (as strings) to -100..100.")
 
     @field_validator("response_format")
     @classmethod
