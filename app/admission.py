@@ -64,7 +64,8 @@ def admit(
     try:
         build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
     except PromptTooLong as exc:
-        raise field_error("messages" if body.messages else "prompt", str(exc)) from exc
+        source = "messages" if body.messages else "prompt" if body.prompt else "prompt_ids"
+        raise field_error(source, str(exc)) from exc
     check_queue_room(services, who)
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))

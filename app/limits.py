@@ -62,9 +62,10 @@ def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> Non
 
 
 def check_token_ids(body: GenerateRequest, vocabulary: int) -> None:
-    """A logit_bias for an id outside the vocabulary would fail the task in the engine."""
-    if unknown := [token_id for token_id in body.logit_bias if not 0 <= token_id < vocabulary]:
-        raise field_error("logit_bias", f"token id {unknown[0]} is not in the vocabulary (0 to {vocabulary - 1})")
+    """An id outside the vocabulary (in logit_bias or the prompt) would fail the task in the engine."""
+    for field, ids in (("logit_bias", body.logit_bias), ("prompt_ids", body.prompt_ids or ())):
+        if unknown := [token_id for token_id in ids if not 0 <= token_id < vocabulary]:
+            raise field_error(field, f"token id {unknown[0]} is not in the vocabulary (0 to {vocabulary - 1})")
 
 
 def check_prompt_chars(body: GenerateRequest, limit: int) -> None:

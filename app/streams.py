@@ -9,6 +9,7 @@ A Redis restart pauses a reader rather than ending it: it reads on from its curs
 is back, for up to OUTAGE_S.
 """
 
+import asyncio
 import json
 import time
 import uuid
@@ -135,8 +136,8 @@ OnClose = Callable[[], Awaitable[None]]
 
 
 async def admit_streaming(
-    services: Services, caller: str | None, stream: bool, admit: Callable[[], Awaitable[str]]
-) -> tuple[str, OnClose | None]:
+    services: Services, caller: str | None, stream: bool, admit: Callable[[], Awaitable[T]]
+) -> tuple[T, OnClose | None]:
     """`admit()`, and for a stream its place among the key's open streams, taken first, so that a
     key at its MAX_STREAMS is refused before any task is queued for it; with what gives it back."""
     if not stream:
@@ -169,6 +170,30 @@ async def chunks_then_result(services: Services, task_id: str) -> AsyncIterator[
     except (GeneratorExit, anyio.get_cancelled_exc_class()):
         services.store.request_cancel(task_id)
         raise
+
+
+async def merged_chunks(services: Services, task_ids: list[str]) -> AsyncIterator[tuple[int, StreamEntry | TaskView]]:
+    """`chunks_then_result` of several tasks (an answer's choices) as their chunks come, each tagged with
+    its task's place. Leaving early closes every task's reader, which cancels each task."""
+    readers = [chunks_then_result(services, task_id) for task_id in task_ids]
+    pending = {asyncio.ensure_future(anext(reader)): i for i, reader in enumerate(readers)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                yield index, item
+                pending[asyncio.ensure_future(anext(readers[index]))] = index
+    finally:
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for reader in readers:
+            await reader.aclose()
 
 
 async def final_view(services: Services, task_id: str) -> TaskView:

@@ -30,6 +30,7 @@ MAX_STOP_CHARS = 64
 MAX_STOP_TOTAL_CHARS = 1024
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
+MAX_PROMPT_IDS = 1_000_000  # a bound on the body's work; the context window is the real limit
 
 
 def _encodable(text: str) -> str:
@@ -69,6 +70,9 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Text | None = Field(None, min_length=1)
+    prompt_ids: list[int] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPT_IDS, description="The model's input as token ids (no chat format)."
+    )
     system_prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
     raw: bool = Field(
@@ -107,10 +111,10 @@ class GenerateRequest(BaseModel):
     @field_validator("messages")
     @classmethod
     def _one_source(cls, messages: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
-        if "prompt" not in info.data:  # the prompt itself was refused; that error says enough
+        if "prompt" not in info.data or "prompt_ids" not in info.data:  # refused already; that error says enough
             return messages
-        if (info.data["prompt"] is None) == (messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if [info.data["prompt"], info.data["prompt_ids"], messages].count(None) != 2:
+            raise ValueError("give exactly one of 'prompt', 'prompt_ids' or 'messages'")
         if messages is not None:
             _check_roles(messages, has_system_prompt=info.data.get("system_prompt") is not None)
         return messages
@@ -153,10 +157,10 @@ class GenerateRequest(BaseModel):
         return self.json_schema is not None or self.grammar is not None
 
     def conversation(self) -> list[ChatMessage]:
-        """The request as messages, whichever way it was given."""
+        """The request as messages, whichever way it was given (none for token ids)."""
         if self.messages is not None:
             return self.messages
-        return [ChatMessage(role=Role.user, content=self.prompt or "")]
+        return [] if self.prompt is None else [ChatMessage(role=Role.user, content=self.prompt)]
 
     def with_defaults(self, settings: Settings) -> "GenerateRequest":
         """The request as a worker will run it: each sampling choice left out takes these settings'

@@ -36,8 +36,8 @@ def build_prompt(formatter: ChatFormatter, request: GenerateRequest, default_sys
     templates may add text of their own; a cheap estimate only picks which counts to take. A raw
     prompt has no turns to drop: it fits or it is refused.
     """
-    if request.raw:
-        ids = formatter.encode_raw(request.prompt or "")
+    if request.raw or request.prompt_ids is not None:
+        ids = request.prompt_ids if request.prompt_ids is not None else formatter.encode_raw(request.prompt or "")
         if len(ids) > budget:
             raise PromptTooLong(len(ids), budget)
         return Prompt(ids, 0)

@@ -79,3 +79,16 @@ def test_props_and_errors_in_llama_cpps_envelope(api_url: str) -> None:
     assert error["code"] == 400 and error["type"] == "invalid_request_error" and "n_predict" in error["message"]
     unknown = httpx.post(f"{api_url}/detokenize", json={"tokens": [10**9]}, timeout=30)
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == 400
+
+
+def test_a_prompt_of_token_ids_mixed_with_text(client: httpx.Client) -> None:
+    text = "The capital of France is"
+    ids = client.post("/tokenize", json={"content": text, "add_special": True}).json()["tokens"]
+    plain = client.post("/completion", json={"prompt": text, "n_predict": 6, "temperature": 0}).json()
+    as_ids = client.post("/completion", json={"prompt": ids, "n_predict": 6, "temperature": 0}).json()
+    mixed = client.post("/completion", json={"prompt": ids[:2] + [" capital of France is"], "n_predict": 6,
+                                             "temperature": 0}).json()
+    assert as_ids["content"] == plain["content"] and as_ids["tokens_evaluated"] == plain["tokens_evaluated"]
+    assert mixed["content"] == plain["content"]
+    refused = client.post("/completion", json={"prompt": [10**9], "n_predict": 2})
+    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("prompt:")

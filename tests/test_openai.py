@@ -77,7 +77,7 @@ def test_completions_take_the_raw_prompt(sdk: openai.OpenAI, api_url: str) -> No
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"n": 2}, "n"), ({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
+    [({"n": 9}, "n"), ({"logit_bias": {"99999999": 5}}, "logit_bias"), ({"temperature": 5}, "temperature"),
      ({"functions": [{"name": "f"}]}, "functions"), ({"max_tokens": 0}, "max_tokens"),
      ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages")],
 )
@@ -141,3 +141,46 @@ def test_logit_bias_and_penalties_reach_the_engine(sdk: openai.OpenAI, api_url: 
     llama = httpx.post(f"{api_url}/completion", json={"prompt": "The capital of France is", "n_predict": 4,
                                                        "temperature": 0, "logit_bias": [[tokens[0], False]]}, timeout=60)
     assert llama.status_code == 200 and not llama.json()["content"].startswith(first.token)
+
+
+def test_n_choices_each_a_task_streamed_or_not(sdk: openai.OpenAI, client: httpx.Client) -> None:
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12,
+           "temperature": 1.0, "seed": 5, "n": 3}
+    raw = sdk.chat.completions.with_raw_response.create(**ask)
+    answer = raw.parse()
+    task_ids = raw.headers["x-task-ids"].split(",")
+    assert [c.index for c in answer.choices] == [0, 1, 2] and len(task_ids) == 3
+    texts = [c.message.content for c in answer.choices]
+    assert texts == [client.get(f"/task/{task_id}").json()["text"] for task_id in task_ids]
+    assert len(set(texts)) > 1, "each choice samples with its own seed"
+    assert answer.usage.completion_tokens == sum(
+        client.get(f"/task/{t}").json()["usage"]["completion_tokens"] for t in task_ids
+    )
+    again = sdk.chat.completions.create(**ask)
+    assert [c.message.content for c in again.choices] == texts, "the same seed, the same choices"
+    chunks = list(sdk.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+
+
+def test_completions_take_a_batch_of_prompts_and_token_ids(sdk: openai.OpenAI, api_url: str) -> None:
+    text = "The capital of France is"
+    ids = httpx.post(f"{api_url}/tokenize", json={"content": text, "add_special": True}, timeout=30).json()["tokens"]
+    one = sdk.completions.create(model=MODEL, prompt=text, temperature=0, max_tokens=6)
+    batch = sdk.completions.create(model=MODEL, prompt=[text, "Water is made of"], temperature=0, max_tokens=6, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text == one.choices[0].text
+    assert batch.choices[2].text != one.choices[0].text
+    assert sdk.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=6).choices[0].text == one.choices[0].text
+    both = sdk.completions.create(model=MODEL, prompt=[ids, ids], temperature=0, max_tokens=6)
+    assert [c.text for c in both.choices] == [one.choices[0].text] * 2
+    assert both.usage.prompt_tokens == 2 * one.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model=MODEL, prompt=[text] * 5, n=2, max_tokens=2)
+    assert caught.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
+    assert caught.value.param == "prompt"

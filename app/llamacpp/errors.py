@@ -20,7 +20,7 @@ from app.errors import REDIS_DOWN, AsciiJSONResponse
 from app.llamacpp.protocol import ErrorDetail, ErrorResponse
 
 # The internal request's field names, as llama.cpp calls them.
-PARAMS = {"max_new_tokens": "n_predict", "repetition_penalty": "repeat_penalty"}
+PARAMS = {"max_new_tokens": "n_predict", "repetition_penalty": "repeat_penalty", "prompt_ids": "prompt"}
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}
 
 

@@ -15,7 +15,9 @@ from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Text = Field(description="The model's raw input; BOS is added as the tokenizer adds it.")
+    prompt: Text | list[int | Text] = Field(
+        description="The model's raw input, as text (BOS as the tokenizer adds it) or token ids mixed with text."
+    )
     n_predict: int = Field(-1, ge=-1, description="-1 means the server's limit.")
     temperature: float | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=0)
@@ -76,7 +78,7 @@ class CompletionResult(BaseModel):
     truncated: bool = False
     generation_settings: dict[str, Any]
     model: str
-    prompt: str
+    prompt: str | list[int | str]  # as given
     id_slot: int = 0
     slot_id: int = 0
     timings: Timings

@@ -49,7 +49,7 @@ STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word
 
 @router.post("/completion", response_model=CompletionResult)
 async def completion(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
-    internal = internal_request(_internal(body, services.settings))
+    internal = internal_request(_internal(body, services.settings, services.tokenizer))
     task_id, on_close = await admit_streaming(
         services, caller, body.stream, lambda: run_in_threadpool(admit, internal, services, caller)
     )
@@ -113,11 +113,10 @@ def props(services: ServicesDep) -> dict[str, Any]:
     }
 
 
-def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
+def _internal(body: CompletionRequest, settings: Settings, tokenizer: Tokenizer) -> dict[str, object]:
     """A raw prompt; -1 for n_predict is the server's limit, and for seed a random one."""
     fields = {
-        "prompt": body.prompt,
-        "raw": True,
+        **_prompt(body.prompt, tokenizer),
         "max_new_tokens": settings.max_new_tokens_limit if body.n_predict == -1 else body.n_predict,
         "temperature": body.temperature,
         "top_k": body.top_k,
@@ -133,6 +132,17 @@ def _internal(body: CompletionRequest, settings: Settings) -> dict[str, object]:
         "json_schema": None if body.grammar else body.json_schema,
     }
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _prompt(prompt: str | list[int | str], tokenizer: Tokenizer) -> dict[str, object]:
+    """Text as the raw prompt; a list as token ids, its strings tokenized in place (the first with BOS
+    where the tokenizer adds one, as llama-server tokenizes a mixed prompt)."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "raw": True}
+    ids: list[int] = []
+    for i, part in enumerate(prompt):
+        ids += [part] if isinstance(part, int) else tokenizer.encode(part, add_special_tokens=i == 0).ids
+    return {"prompt_ids": ids}
 
 
 def _biases(given: list | dict | None) -> dict[str, float] | None:

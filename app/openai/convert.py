@@ -12,6 +12,7 @@ from app.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     ContentLogprob,
+    MAX_CHOICES,
     Delta,
     DeltaToolCall,
     TopLogprob,
@@ -43,8 +44,6 @@ def check_model(model: str, served: list[str]) -> None:
 def check_supported(body: Sampling, served: list[str]) -> None:
     """The model must be one this server serves; options it cannot honour are refused by name."""
     check_model(body.model, served)
-    if body.n != 1:
-        raise OpenAIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     refuse_unsupported(body.first_used())
 
 
@@ -145,9 +144,26 @@ def _functions(body: ChatCompletionRequest) -> list[Function]:
     return functions
 
 
-def completion_request(body: CompletionRequest) -> dict[str, object]:
-    """A Completions prompt is the model's raw input: no chat template, no system prompt."""
-    return _sampling(body, body.max_tokens) | {"prompt": body.prompt, "raw": True} | _set(logprobs=body.logprobs)
+def completion_requests(body: CompletionRequest) -> list[dict[str, object]]:
+    """A request per prompt of the batch: each the model's raw input (no chat template, no system
+    prompt), as text or token ids."""
+    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
+        else [body.prompt]
+    if not prompts or len(prompts) * body.n > MAX_CHOICES:
+        raise OpenAIError(400, f"prompt: give 1 to {MAX_CHOICES // body.n} prompts (times n, at most {MAX_CHOICES})",
+                          param="prompt")
+    common = _sampling(body, body.max_tokens) | _set(logprobs=body.logprobs)
+    return [common | ({"prompt": p, "raw": True} if isinstance(p, str) else {"prompt_ids": p}) for p in prompts]
+
+
+def choices(requests: list[dict[str, object]], body: Sampling) -> list[dict[str, object]]:
+    """`n` tasks for each request, in OpenAI's order of choices (each prompt's n together); with a seed,
+    each choice its own (seed + its place), so that choices differ yet each is reproducible."""
+    tasks = []
+    for fields in requests:
+        for i in range(body.n):
+            tasks.append(fields | ({"seed": body.seed + i} if body.seed is not None else {}))
+    return tasks
 
 
 def _set(**values: object) -> dict[str, object]:
@@ -208,9 +224,10 @@ def finish_reason(view: TaskView, calls: list[ToolCall] | None = None) -> str:
     return "length" if view.finish_reason in ("length", "timeout") else "stop"
 
 
-def usage(view: TaskView) -> Usage:
-    prompt = view.usage.prompt_tokens if view.usage else 0
-    completion = view.usage.completion_tokens if view.usage else 0
+def usage(views: list[TaskView], n: int) -> Usage:
+    """Every choice's completion tokens; each prompt's tokens once (the first of its `n` choices)."""
+    prompt = sum(view.usage.prompt_tokens for view in views[::n] if view.usage)
+    completion = sum(view.usage.completion_tokens for view in views if view.usage)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

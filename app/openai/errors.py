@@ -17,7 +17,9 @@ from app.openai.protocol import ErrorDetail, ErrorResponse
 
 # The internal request's field names, as OpenAI's parameters call them: in Chat and Completions,
 # and in Responses.
-PARAMS = {"max_new_tokens": "max_tokens", "system_prompt": "messages", "json_schema": "response_format"}
+PARAMS = {
+    "max_new_tokens": "max_tokens", "system_prompt": "messages", "json_schema": "response_format", "prompt_ids": "prompt",
+}
 RESPONSES_PARAMS = {
     "max_new_tokens": "max_output_tokens", "system_prompt": "instructions", "messages": "input",
     "json_schema": "text.format",

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core.constraints import ANY_OBJECT
 from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 
+MAX_CHOICES = 8  # n, and prompts in a batch times n: each is a task
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -144,7 +146,7 @@ class Sampling(Unsupported):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: Text | list[Text] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate, each a task of its own.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -187,7 +189,9 @@ class ChatCompletionRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: Text = Field(description="One prompt, as the model's raw input (no chat template).")
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
+        description="The model's raw input (no chat template): a string or token ids, or a batch of either."
+    )
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token.")
 
 

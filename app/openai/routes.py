@@ -1,11 +1,13 @@
 """/v1/models, /v1/chat/completions and /v1/completions: thin routes over the one admission path.
 
-Each answer's `id` is tied to its task (`chatcmpl-<task id>`, `cmpl-<task id>`) and the
-`X-Task-Id` header names it, so the text can still be read from `/task/{id}`.
+Each choice is a task of its own (`n` of them, for each prompt of a batch): the answer's `id` is
+tied to the first (`chatcmpl-<task id>`, `cmpl-<task id>`), the `X-Task-Id` header names it and
+`X-Task-Ids` every choice's in order, so the text can still be read from `/task/{id}`.
 """
 
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -41,8 +43,8 @@ from app.streams import (
     StreamBroken,
     StreamEntry,
     admit_streaming,
-    chunks_then_result,
     final_view,
+    merged_chunks,
     until_ended,
 )
 from core.protocol import TaskView
@@ -78,129 +80,156 @@ async def chat_completions(
 ) -> Response:
     convert.check_chat(body)
     fields = convert.chat_request(body, services.settings.default_system_prompt)
-    task_id, on_close = await admit_streaming(
-        services, caller, body.stream, lambda: _admit(body, fields, services, caller)
+    task_ids, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: _admit(body, convert.choices([fields], body), services, caller)
     )
-    answer_id, created = f"chatcmpl-{task_id}", convert.created_now()
+    answer_id, created, headers = f"chatcmpl-{task_ids[0]}", convert.created_now(), _headers(task_ids)
 
-    def chunk(delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
-        answer = ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[choice])
-        return answer.model_dump_json()
+    def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        return ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[choice]).model_dump_json()
 
-    def usage_chunk(view: TaskView) -> str:
-        return ChatCompletionChunk(
-            id=answer_id, created=created, model=body.model, choices=[], usage=convert.usage(view)
-        ).model_dump_json()
+    def usage_chunk(views: list[TaskView]) -> str:
+        usage = convert.usage(views, len(views))
+        return ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[], usage=usage).model_dump_json()
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        answer = convert.ChatStream(body, task_id, services.tokenizer, chunk)
+        answers = [convert.ChatStream(body, task_id, services.tokenizer, partial(chunk, i))
+                   for i, task_id in enumerate(task_ids)]
         events = _stream(
-            services, task_id, chunk(Delta(role="assistant", content="")), answer.delta, answer.last,
-            usage_chunk if include_usage else None,
+            services, task_ids, lambda i: [chunk(i, Delta(role="assistant", content=""))],
+            lambda i, entry: answers[i].delta(entry), lambda i, view: answers[i].last(view),
+            usage_chunk if body.stream_options and body.stream_options.include_usage else None,
         )
-        return sse_response(events, {"X-Task-Id": task_id}, on_close)
-    view = await _result(services, task_id, request)
-    if view is None:
+        return sse_response(events, headers, on_close)
+    views = await _results(services, task_ids, request)
+    if views is None:
         return Response(status_code=CLIENT_GONE)
-    content, calls = convert.answer_of(body, view.text, task_id)
-    message = AssistantMessage(content=content, tool_calls=calls or None)
-    logprobs = None
-    if body.logprobs:
-        logprobs = convert.chat_logprobs(await run_in_threadpool(services.store.logprobs, task_id), services.tokenizer)
-    finish = convert.finish_reason(view, calls)
-    choice = ChatChoice(message=message, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+    choices = []
+    for i, (task_id, view) in enumerate(zip(task_ids, views)):
+        content, calls = convert.answer_of(body, view.text, task_id)
+        logprobs = None
+        if body.logprobs:
+            logprobs = convert.chat_logprobs(await run_in_threadpool(services.store.logprobs, task_id), services.tokenizer)
+        choices.append(ChatChoice(
+            index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+            finish_reason=convert.finish_reason(view, calls), logprobs=logprobs,  # type: ignore[arg-type]
+        ))
     answer = ChatCompletion(
-        id=answer_id, created=created, model=body.model, choices=[choice], usage=convert.usage(view)
+        id=answer_id, created=created, model=body.model, choices=choices, usage=convert.usage(views, len(views))
     )
-    return JSONResponse(answer.model_dump(), headers={"X-Task-Id": task_id})
+    return JSONResponse(answer.model_dump(), headers=headers)
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
-    task_id, on_close = await admit_streaming(
-        services, caller, body.stream, lambda: _admit(body, convert.completion_request(body), services, caller)
+    prompts = convert.completion_requests(body)
+    task_ids, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: _admit(body, convert.choices(prompts, body), services, caller)
     )
-    answer_id, created = f"cmpl-{task_id}", convert.created_now()
+    answer_id, created, headers = f"cmpl-{task_ids[0]}", convert.created_now(), _headers(task_ids)
 
-    def answer(choices: list[CompletionChoice], view: TaskView | None = None) -> Completion:
-        usage = convert.usage(view) if view is not None else None
+    def answer(choices: list[CompletionChoice], views: list[TaskView] | None = None) -> Completion:
+        usage = convert.usage(views, body.n) if views is not None else None
         return Completion(id=answer_id, created=created, model=body.model, choices=choices, usage=usage)
 
-    def chunk(text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
         return answer([choice]).model_dump_json()
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        offset = 0
+        offsets = [0] * len(task_ids)
 
-        def delta(entry: StreamEntry) -> list[str]:
-            nonlocal offset
+        def delta(index: int, entry: StreamEntry) -> list[str]:
             scored = None
             if body.logprobs is not None:
-                scored = convert.completion_logprobs(list(zip(entry.token_ids, entry.logprobs)), services.tokenizer, offset)
-            offset += len(entry.text or "")
-            return [chunk(entry.text or "", logprobs=scored)]
+                pairs = list(zip(entry.token_ids, entry.logprobs))
+                scored = convert.completion_logprobs(pairs, services.tokenizer, offsets[index])
+            offsets[index] += len(entry.text or "")
+            return [chunk(index, entry.text or "", logprobs=scored)]
 
         events = _stream(
-            services, task_id, None, delta,
-            lambda view: [chunk("", convert.finish_reason(view))],
-            (lambda view: answer([], view).model_dump_json()) if include_usage else None,
+            services, task_ids, lambda i: [], delta, lambda i, view: [chunk(i, "", convert.finish_reason(view))],
+            (lambda views: answer([], views).model_dump_json())
+            if body.stream_options and body.stream_options.include_usage else None,
         )
-        return sse_response(events, {"X-Task-Id": task_id}, on_close)
-    view = await _result(services, task_id, request)
-    if view is None:
+        return sse_response(events, headers, on_close)
+    views = await _results(services, task_ids, request)
+    if views is None:
         return Response(status_code=CLIENT_GONE)
-    logprobs = None
-    if body.logprobs is not None:
-        scored = await run_in_threadpool(services.store.logprobs, task_id)
-        logprobs = convert.completion_logprobs(scored, services.tokenizer)
-    finish = convert.finish_reason(view)
-    choice = CompletionChoice(text=view.text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
-    return JSONResponse(answer([choice], view).model_dump(), headers={"X-Task-Id": task_id})
+    choices = []
+    for i, (task_id, view) in enumerate(zip(task_ids, views)):
+        logprobs = None
+        if body.logprobs is not None:
+            scored = await run_in_threadpool(services.store.logprobs, task_id)
+            logprobs = convert.completion_logprobs(scored, services.tokenizer)
+        choices.append(CompletionChoice(
+            index=i, text=view.text, finish_reason=convert.finish_reason(view), logprobs=logprobs,  # type: ignore[arg-type]
+        ))
+    return JSONResponse(answer(choices, views).model_dump(), headers=headers)
 
 
-async def _admit(body: Sampling, fields: dict[str, object], services: Services, caller: str | None) -> str:
-    """Refuse what this family cannot honour, then the admission every door shares."""
+def _headers(task_ids: list[str]) -> dict[str, str]:
+    """The first choice's task, as every answer names it; with several choices, each one's in order."""
+    return {"X-Task-Id": task_ids[0], **({"X-Task-Ids": ",".join(task_ids)} if len(task_ids) > 1 else {})}
+
+
+async def _admit(body: Sampling, requests: list[dict[str, object]], services: Services, caller: str | None) -> list[str]:
+    """Refuse what this family cannot honour, then the admission every door shares, a task per choice:
+    every request is checked before the first is queued, and a refusal midway cancels those queued."""
     convert.check_supported(body, served_models(services))
     background = body.service_tier == "flex"
-    return await run_in_threadpool(admit, internal_request(fields), services, caller, None, background)
-
-
-async def _result(services: Services, task_id: str, request: Request) -> TaskView | None:
-    """The finished view; None when the client left first (its task is then cancelled)."""
-    if not await until_ended(services, task_id, request.is_disconnected):
-        return None
+    checked = [internal_request(fields) for fields in requests]
+    task_ids: list[str] = []
     try:
-        return await final_view(services, task_id)
+        for internal in checked:
+            task_ids.append(await run_in_threadpool(admit, internal, services, caller, None, background))
+    except BaseException:
+        for task_id in task_ids:
+            services.store.request_cancel(task_id)
+        raise
+    return task_ids
+
+
+async def _results(services: Services, task_ids: list[str], request: Request) -> list[TaskView] | None:
+    """The finished views; None when the client left first (every task is then cancelled)."""
+    for task_id in task_ids:
+        if not await until_ended(services, task_id, request.is_disconnected):
+            for other in task_ids:
+                services.store.request_cancel(other)
+            return None
+    try:
+        return [await final_view(services, task_id) for task_id in task_ids]
     except StreamBroken as exc:
         raise OpenAIError(500, str(exc), kind="server_error") from exc
 
 
 async def _stream(
     services: Services,
-    task_id: str,
-    first: str | None,
-    delta: Callable[[StreamEntry], list[str]],
-    last: Callable[[TaskView], list[str]],
-    usage: Callable[[TaskView], str] | None,
+    task_ids: list[str],
+    first: Callable[[int], list[str]],
+    delta: Callable[[int, StreamEntry], list[str]],
+    last: Callable[[int, TaskView], list[str]],
+    usage: Callable[[list[TaskView]], str] | None,
 ) -> AsyncIterator[str]:
-    """OpenAI's stream: an optional first chunk, the chunks of each piece of text, the finishing chunks, the
-    usage chunk when asked for, then [DONE]; an error after the start is a `data: {"error"}` line."""
-    if first is not None:
-        yield first
+    """OpenAI's stream: each choice's first chunks, its chunks as its text comes (the choices' interleaved),
+    its finishing chunks, then the usage chunk when asked for, then [DONE]; an error after the start
+    is a `data: {"error"}` line."""
+    for index in range(len(task_ids)):
+        for event in first(index):
+            yield event
+    views: dict[int, TaskView] = {}
     try:
-        async for item in chunks_then_result(services, task_id):
+        async for index, item in merged_chunks(services, task_ids):
             if isinstance(item, StreamEntry):
-                for event in delta(item):
+                for event in delta(index, item):
                     yield event
                 continue
-            for event in last(item):
+            views[index] = item
+            for event in last(index, item):
                 yield event
-            if usage is not None:
-                yield usage(item)
+        if usage is not None:
+            yield usage([views[i] for i in sorted(views)])
     except StreamBroken as exc:
         yield ErrorResponse(error=ErrorDetail(message=str(exc), type="server_error")).model_dump_json()
     yield DONE
