@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import errors, streams
@@ -101,6 +102,11 @@ UNAUTHORIZED: dict[int | str, dict[str, object]] = {
 }
 
 
+# OpenAI's routes that llama.cpp's server also answers without the /v1 prefix.
+UNPREFIXED = [("/models", ["GET"]), ("/models/{model_id:path}", ["GET"]), ("/chat/completions", ["POST"]),
+              ("/completions", ["POST"])]
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Every route but /health, /metrics (and the OpenAPI docs) checks the API key, when keys are set."""
     hidden = {} if settings.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -124,6 +130,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(page.router)  # the chat page: no key, like /health; it sends the key itself
     openai_app = create_openai_app(settings.public_docs)
     app.mount("/v1", openai_app)
+    for path, methods in UNPREFIXED:  # as llama-server serves them beside /v1, in OpenAI's envelope too
+        app.router.routes.append(Route(path, openai_app, methods=methods, include_in_schema=False))
     app.state.families = [openai_app]
     return app
 

@@ -184,3 +184,18 @@ def test_completions_take_a_batch_of_prompts_and_token_ids(sdk: openai.OpenAI, a
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
     assert caught.value.param == "prompt"
+
+
+def test_llama_servers_unprefixed_routes_and_stream_options_without_stream(api_url: str) -> None:
+    """llama-server answers /models, /chat/completions and /completions beside /v1; OpenAI and vLLM
+    refuse stream_options without stream."""
+    with openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0) as bare:
+        assert [m.id for m in bare.models.list()] == [MODEL]
+        chat = bare.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                            temperature=0, max_tokens=8)
+        assert chat.choices[0].message.content
+        assert bare.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4).choices[0].text
+        with pytest.raises(openai.BadRequestError) as caught:
+            bare.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                         stream_options={"include_usage": True})
+        assert caught.value.param == "stream_options"

@@ -45,6 +45,8 @@ def check_supported(body: Sampling, served: list[str]) -> None:
     """The model must be one this server serves; options it cannot honour are refused by name."""
     check_model(body.model, served)
     refuse_unsupported(body.first_used())
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
 
 
 def refuse_unsupported(option: str | None) -> None:
