@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Every route but /health, /metrics (and the OpenAPI docs) checks the API key, when keys are set."""
     hidden = {} if settings.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False, **hidden)
-    errors.install(app)
+    errors.install(app, errors.FastAPIFamily())
     app.add_middleware(KeyBeforeBody)  # inside BodyLimit: a keyless body is a 401 before any 413 or 422
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(CountRejections)  # outside BodyLimit, so its 413s are counted too

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
-from app.llamacpp.errors import LlamaCppRoute, envelope
+from app.errors import Refusal
+from app.llamacpp.errors import LlamaCppRoute
 from app.llamacpp.protocol import (
     CompletionRequest,
     CompletionResult,
@@ -60,7 +61,7 @@ async def completion(body: CompletionRequest, request: Request, services: Servic
     try:
         view = await final_view(services, task_id)
     except StreamBroken as exc:
-        return envelope(500, str(exc))
+        raise Refusal(500, str(exc)) from exc
     result = _result(view, body, services.settings)
     if body.n_probs:
         scored = await run_in_threadpool(services.store.logprobs, task_id)
@@ -77,7 +78,7 @@ TOKENIZING = anyio.CapacityLimiter(2)
 async def tokenize(body: TokenizeRequest, services: ServicesDep) -> Response:
     limit = services.settings.max_prompt_chars
     if len(body.content) > limit:
-        return envelope(400, f"content: {len(body.content)} characters, above this server's limit of {limit}")
+        raise Refusal(400, f"content: {len(body.content)} characters, above this server's limit of {limit}")
     result = await anyio.to_thread.run_sync(_tokenize, body, services, limiter=TOKENIZING)
     return JSONResponse(result.model_dump())
 
@@ -94,7 +95,7 @@ def _tokenize(body: TokenizeRequest, services: Services) -> TokenizeResponse:
 def detokenize(body: DetokenizeRequest, services: ServicesDep) -> Response:
     vocabulary = services.tokenizer.get_vocab_size(with_added_tokens=True)
     if unknown := [i for i in body.tokens if not 0 <= i < vocabulary]:
-        return envelope(400, f"tokens: {unknown[0]} is not a token id (the vocabulary has {vocabulary})")
+        raise Refusal(400, f"tokens: {unknown[0]} is not a token id (the vocabulary has {vocabulary})")
     content = services.tokenizer.decode(body.tokens, skip_special_tokens=False)
     return JSONResponse(DetokenizeResponse(content=content).model_dump())
 

@@ -4,6 +4,7 @@ OpenAI's envelope while the other routes keep FastAPI's."""
 from fastapi import Depends, FastAPI
 
 from app.deps import Services
+from app.errors import install
 from app.openai import errors
 from app.openai.protocol import ErrorResponse
 from app.openai.responses.routes import router as responses_router
@@ -14,7 +15,7 @@ from app.security import authenticate
 def create_openai_app(docs: bool) -> FastAPI:
     hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False, **hidden)
-    errors.install(app)
+    install(app, errors.CHAT)
     errors_documented: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401)}
     for routes in (router, responses_router):
         app.include_router(routes, dependencies=[Depends(authenticate)], responses=errors_documented)

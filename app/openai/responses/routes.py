@@ -18,7 +18,8 @@ from fastapi.sse import ServerSentEvent
 
 from app.admission import admit, internal_request
 from app.deps import Services, ServicesDep
-from app.openai.errors import OpenAIError
+from app.errors import family_route
+from app.openai.errors import RESPONSES, OpenAIError
 from app.openai.responses import convert
 from app.openai.responses.events import ResponseEvents
 from app.openai.responses.protocol import (
@@ -33,7 +34,7 @@ from app.security import CallerTag, visible_task_id
 from app.sse import sse_response
 from app.streams import CLIENT_GONE, admit_streaming, follow, hold_stream, until_ended
 
-router = APIRouter()
+router = APIRouter(route_class=family_route(RESPONSES))
 CANCEL_WAIT_S = 10.0
 
 
