@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from playwright.sync_api import Page, expect
@@ -19,6 +20,7 @@ from core.protocol import TaskStatus
 from devstack.processes import Stack
 from tests.helpers import poll_until_finished, submit
 from tests.test_structured import Pet
+from tests.test_tools import SCHEMAS, TOOLS
 from tests.test_browser import ask, browser, configure, open_page, page, server_view, wait_finished  # noqa: F401
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -66,6 +68,26 @@ def test_the_sdks_parse_answers_inside_the_schema(sdk: openai.OpenAI) -> None:
         temperature=0, max_completion_tokens=300,
     )
     assert completion.choices[0].finish_reason == "stop" and isinstance(completion.choices[0].message.parsed, Pet)
+
+
+def test_tools_logprobs_and_n_on_this_engine(sdk: openai.OpenAI) -> None:
+    """What agents and eval harnesses ask, on each engine: a required call with valid arguments,
+    log probabilities, and several choices."""
+    called = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=TOOLS,
+        tool_choice="required", temperature=0, max_tokens=100,
+    )
+    assert called.choices[0].finish_reason == "tool_calls"
+    for call in called.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    scored = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=8, logprobs=True,
+        top_logprobs=2, n=2,
+    )
+    assert [c.index for c in scored.choices] == [0, 1]
+    assert scored.choices[0].message.content == scored.choices[1].message.content, "greedy: the same choice twice"
+    for entry in scored.choices[0].logprobs.content:
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob <= 0
 
 
 def test_completions_answer_the_raw_prompt(sdk: openai.OpenAI) -> None:
