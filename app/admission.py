@@ -12,6 +12,7 @@ import secrets
 import uuid
 
 from fastapi import HTTPException
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -70,6 +71,22 @@ def admit(
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))
     return _enqueue(request, services, caller, who, annotation, BACKGROUND if background else INTERACTIVE)
+
+
+async def admit_all(
+    requests: list[GenerateRequest], services: Services, caller: str | None, background: bool = False
+) -> list[str]:
+    """A task per request (an answer's choices, a batch's prompts), all checked by their caller first:
+    a refusal midway cancels the tasks already queued, so that none runs for an answer refused."""
+    task_ids: list[str] = []
+    try:
+        for body in requests:
+            task_ids.append(await run_in_threadpool(admit, body, services, caller, None, background))
+    except BaseException:
+        for task_id in task_ids:
+            services.store.request_cancel(task_id)
+        raise
+    return task_ids
 
 
 def _seeded(body: GenerateRequest) -> GenerateRequest:

@@ -196,6 +196,19 @@ async def merged_chunks(services: Services, task_ids: list[str]) -> AsyncIterato
             await reader.aclose()
 
 
+async def final_views(
+    services: Services, task_ids: list[str], disconnected: Callable[[], Awaitable[bool]]
+) -> list[TaskView] | None:
+    """Every task's finished view, in order; None when the client left first (every task is then
+    cancelled). StreamBroken if one failed or is gone."""
+    for task_id in task_ids:
+        if not await until_ended(services, task_id, disconnected):
+            for other in task_ids:
+                services.store.request_cancel(other)
+            return None
+    return [await final_view(services, task_id) for task_id in task_ids]
+
+
 async def final_view(services: Services, task_id: str) -> TaskView:
     """The view of a task whose stream has ended; StreamBroken if it failed or is gone."""
     view = await anyio.to_thread.run_sync(services.store.view, task_id)

@@ -86,7 +86,7 @@ class TokenLogprob(NamedTuple):
 
 Interruption = Callable[[], str | None]
 # A chunk's text, the ids of its tokens and, when asked for, each token's log probabilities (else empty).
-OnChunk = Callable[[str, list[int], list[TokenLogprob]], object]
+OnChunk = Callable[[str, list[int], list[TokenLogprob | None]], object]
 
 
 @dataclass(frozen=True)

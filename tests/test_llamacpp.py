@@ -54,7 +54,7 @@ def test_the_stream_is_llama_cpps_without_done(api_url: str) -> None:
             if line.startswith("data: "):
                 events.append(json.loads(line.removeprefix("data: ")))
     *pieces, last = events
-    assert pieces and all(p["stop"] is False and set(p) == {"content", "stop"} for p in pieces)
+    assert pieces and all(p["stop"] is False and set(p) == {"index", "content", "stop"} for p in pieces)
     assert last["stop"] is True and last["tokens_predicted"] == 12 and last["timings"]["predicted_n"] == 12
     assert "[DONE]" not in json.dumps(events)
 
@@ -92,3 +92,29 @@ def test_a_prompt_of_token_ids_mixed_with_text(client: httpx.Client) -> None:
     assert mixed["content"] == plain["content"]
     refused = client.post("/completion", json={"prompt": [10**9], "n_predict": 2})
     assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("prompt:")
+
+
+def test_a_batch_of_prompts_answers_a_list(client: httpx.Client) -> None:
+    """As llama-server reads `prompt`: a list of prompts (text or token ids) is a batch, a task each."""
+    text = "I believe the meaning of life is"
+    ids = client.post("/tokenize", json={"content": text, "add_special": True}).json()["tokens"]
+    batch = client.post("/completion", json={"prompt": [ids, text], "n_predict": 6, "temperature": 0})
+    assert batch.status_code == 200 and len(batch.headers["x-task-ids"].split(",")) == 2
+    first, second = batch.json()
+    assert first["content"] == second["content"] and [first["index"], second["index"]] == [0, 1]
+    with client.stream("POST", "/completion", json={"prompt": [text, text], "n_predict": 6, "temperature": 0,
+                                                    "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    for index in (0, 1):
+        mine = [e for e in events if e["index"] == index]
+        assert "".join(e["content"] for e in mine) == first["content"] and mine[-1]["stop"] is True
+
+
+def test_response_fields_and_logit_bias_by_text(client: httpx.Client) -> None:
+    body = {"prompt": "The capital of France is", "n_predict": 4, "temperature": 0}
+    plain = client.post("/completion", json=body).json()
+    picked = client.post("/completion", json=body | {"response_fields": ["content", "generation_settings/n_predict"]})
+    assert picked.json() == {"content": plain["content"], "generation_settings/n_predict": 4}
+    first = client.post("/completion", json=body | {"n_probs": 1}).json()["completion_probabilities"][0]["token"]
+    banned = client.post("/completion", json=body | {"logit_bias": [[first, False]]}).json()
+    assert plain["content"].startswith(first) and not banned["content"].startswith(first)

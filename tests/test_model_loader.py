@@ -44,7 +44,7 @@ def test_nf4_is_smaller_than_fp32(nf4: LoadedModel) -> None:
 def test_nf4_generates_paris_on_the_cpu(nf4: LoadedModel) -> None:
     chunks: list[str] = []
     outcome = SequentialEngine(nf4, FlushPolicy(every_tokens=2), context_tokens=8192).generate(
-        paris_prompt(nf4), GREEDY, lambda text, _: chunks.append(text)
+        paris_prompt(nf4), GREEDY, lambda text, *_: chunks.append(text)
     )
     assert "Paris" in outcome.text
     assert "".join(chunks) == outcome.text

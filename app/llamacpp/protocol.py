@@ -15,8 +15,9 @@ from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Text | list[int | Text] = Field(
-        description="The model's raw input, as text (BOS as the tokenizer adds it) or token ids mixed with text."
+    prompt: Text | list[int | Text | list[int | Text]] = Field(
+        description="The model's raw input, as text (BOS as the tokenizer adds it) or token ids mixed with text; "
+        "a list of such prompts (one holding no bare id) is a batch, answered as a list."
     )
     n_predict: int = Field(-1, ge=-1, description="-1 means the server's limit.")
     temperature: float | None = Field(None, ge=0)
@@ -31,8 +32,12 @@ class CompletionRequest(BaseModel):
     grammar: str | None = Field(None, description="GBNF; wins over json_schema, as in llama.cpp. Empty is none.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: list[tuple[int, float | Literal[False]]] | dict[str, float | Literal[False]] | None = Field(
-        None, description="[[id, bias], ...] or {id: bias}; false bans the token, as in llama.cpp."
+    logit_bias: list[tuple[int | str, float | Literal[False]]] | dict[str, float | Literal[False]] | None = Field(
+        None, description="[[id or text, bias], ...] or {id or text: bias}; text biases each of its tokens; "
+        "false bans the token, as in llama.cpp.",
+    )
+    response_fields: list[str] = Field(
+        default_factory=list, description="Answer only these fields ('a/b' for a nested one), as llama.cpp does."
     )
     n_probs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; 0: no probabilities.")
     cache_prompt: bool = True
@@ -79,6 +84,7 @@ class CompletionResult(BaseModel):
     generation_settings: dict[str, Any]
     model: str
     prompt: str | list[int | str]  # as given
+    index: int = 0  # which prompt of a batch
     id_slot: int = 0
     slot_id: int = 0
     timings: Timings
@@ -86,6 +92,7 @@ class CompletionResult(BaseModel):
 
 
 class StreamPiece(BaseModel):
+    index: int = 0  # which prompt of a batch
     content: str
     stop: Literal[False] = False
     completion_probabilities: list[TokenProbability] | None = None

@@ -2,16 +2,15 @@
 
 import json
 from collections.abc import AsyncIterator
-
-import anyio
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from tokenizers import Tokenizer
 
-from app.admission import admit, internal_request
+from app.admission import admit_all, internal_request
 from app.deps import Services, ServicesDep
 from app.errors import Refusal
 from app.llamacpp.errors import LlamaCppRoute
@@ -31,42 +30,42 @@ from app.llamacpp.protocol import (
 from app.security import CallerTag
 from app.sse import sse_response
 from app.tokens import spoken, token_raw, token_text
-from app.streams import (
-    CLIENT_GONE,
-    StreamBroken,
-    StreamEntry,
-    admit_streaming,
-    chunks_then_result,
-    final_view,
-    until_ended,
-)
+from app.streams import CLIENT_GONE, StreamBroken, StreamEntry, admit_streaming, final_views, merged_chunks
 from core.protocol import TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
 
 router = APIRouter(route_class=LlamaCppRoute, tags=["llama.cpp"])
 STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word"}
+MAX_BATCH = 8  # prompts in one /completion, each a task
 
 
 @router.post("/completion", response_model=CompletionResult)
 async def completion(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
-    internal = internal_request(_internal(body, services.settings, services.tokenizer))
-    task_id, on_close = await admit_streaming(
-        services, caller, body.stream, lambda: run_in_threadpool(admit, internal, services, caller)
+    """One prompt, or a batch of them (a task each, answered as a list in order)."""
+    prompts = _batch(body.prompt)
+    common = _internal(body, services.settings, services.tokenizer)
+    requests = [internal_request(common | _prompt(prompt, services.tokenizer)) for prompt in prompts]
+    task_ids, on_close = await admit_streaming(
+        services, caller, body.stream, lambda: admit_all(requests, services, caller)
     )
+    headers = {"X-Task-Id": task_ids[0], **({"X-Task-Ids": ",".join(task_ids)} if len(task_ids) > 1 else {})}
     if body.stream:
-        return sse_response(_pieces(services, task_id, body), {"X-Task-Id": task_id}, on_close)
-    if not await until_ended(services, task_id, request.is_disconnected):
-        return Response(status_code=CLIENT_GONE)
+        return sse_response(_pieces(services, task_ids, body, prompts), headers, on_close)
     try:
-        view = await final_view(services, task_id)
+        views = await final_views(services, task_ids, request.is_disconnected)
     except StreamBroken as exc:
         raise Refusal(500, str(exc)) from exc
-    result = _result(view, body, services.settings)
-    if body.n_probs:
-        scored = await run_in_threadpool(services.store.logprobs, task_id)
-        result.completion_probabilities = _probabilities(scored, services.tokenizer)
-    return JSONResponse(result.model_dump(exclude_none=True), headers={"X-Task-Id": task_id})
+    if views is None:
+        return Response(status_code=CLIENT_GONE)
+    answers = []
+    for index, (task_id, view, prompt) in enumerate(zip(task_ids, views, prompts)):
+        result = _result(view, body, services.settings, prompt, index)
+        if body.n_probs:
+            scored = await run_in_threadpool(services.store.logprobs, task_id)
+            result.completion_probabilities = _probabilities(scored, services.tokenizer)
+        answers.append(_fields(result.model_dump(exclude_none=True), body.response_fields))
+    return JSONResponse(answers if len(answers) > 1 else answers[0], headers=headers)
 
 
 # Tokenizing is CPU work in the API process: a few at a time, on threads of their own, so that a
@@ -115,9 +114,8 @@ def props(services: ServicesDep) -> dict[str, Any]:
 
 
 def _internal(body: CompletionRequest, settings: Settings, tokenizer: Tokenizer) -> dict[str, object]:
-    """A raw prompt; -1 for n_predict is the server's limit, and for seed a random one."""
+    """Everything but the prompt; -1 for n_predict is the server's limit, and for seed a random one."""
     fields = {
-        **_prompt(body.prompt, tokenizer),
         "max_new_tokens": settings.max_new_tokens_limit if body.n_predict == -1 else body.n_predict,
         "temperature": body.temperature,
         "top_k": body.top_k,
@@ -128,11 +126,36 @@ def _internal(body: CompletionRequest, settings: Settings, tokenizer: Tokenizer)
         "logprobs": body.n_probs or None,
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
-        "logit_bias": _biases(body.logit_bias),
+        "logit_bias": _biases(body.logit_bias, tokenizer),
         "grammar": body.grammar or None,
         "json_schema": None if body.grammar else body.json_schema,
     }
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _fields(result: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+    """The result, or only `wanted` of it (`response_fields`): a path `a/b` is the nested field, kept
+    under its path as llama-server keeps it; a field the result lacks is left out."""
+    if not wanted:
+        return result
+    picked: dict[str, Any] = {}
+    for path in wanted:
+        value: Any = result
+        for part in path.split("/"):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            picked[path] = value
+    return picked
+
+
+def _batch(prompt: str | list) -> list[str | list[int | str]]:
+    """llama-server's reading of `prompt`: a list holding a bare token id is one prompt (ids mixed with
+    text); any other list is a batch of prompts."""
+    if isinstance(prompt, str) or any(isinstance(part, int) for part in prompt):
+        return [prompt]
+    if not 1 <= len(prompt) <= MAX_BATCH:
+        raise Refusal(400, f"prompt: a batch holds 1 to {MAX_BATCH} prompts, each a task")
+    return prompt
 
 
 def _prompt(prompt: str | list[int | str], tokenizer: Tokenizer) -> dict[str, object]:
@@ -146,12 +169,16 @@ def _prompt(prompt: str | list[int | str], tokenizer: Tokenizer) -> dict[str, ob
     return {"prompt_ids": ids}
 
 
-def _biases(given: list | dict | None) -> dict[str, float] | None:
-    """llama.cpp's logit_bias, as pairs or a map, onto ours; false (ban the token) is the lowest bias."""
+def _biases(given: list | dict | None, tokenizer: Tokenizer) -> dict[str, float] | None:
+    """llama.cpp's logit_bias, as pairs or a map, onto ours: a key that is text biases each of its
+    tokens, as llama-server does; false (ban the token) is the lowest bias."""
     if not given:
         return None
-    pairs = given.items() if isinstance(given, dict) else given
-    return {str(token_id): -100.0 if bias is False else bias for token_id, bias in pairs}
+    biases: dict[str, float] = {}
+    for key, bias in given.items() if isinstance(given, dict) else given:
+        ids = [int(key)] if isinstance(key, int) or key.isdigit() else tokenizer.encode(key, add_special_tokens=False).ids
+        biases |= {str(token_id): -100.0 if bias is False else bias for token_id in ids}
+    return biases
 
 
 def _defaults(settings: Settings) -> dict[str, object]:
@@ -169,7 +196,8 @@ def _defaults(settings: Settings) -> dict[str, object]:
 
 
 def _result(
-    view: TaskView, body: CompletionRequest, settings: Settings, content: str | None = None
+    view: TaskView, body: CompletionRequest, settings: Settings, prompt: str | list[int | str], index: int = 0,
+    content: str | None = None,
 ) -> CompletionResult:
     stop_type = STOP_TYPES.get(view.finish_reason or "", "none")
     requested = {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
@@ -185,7 +213,8 @@ def _result(
         tokens_evaluated=view.usage.prompt_tokens if view.usage else 0,
         generation_settings=_defaults(settings) | {k: v for k, v in requested.items() if v is not None},
         model=view.model or model_name(settings),
-        prompt=body.prompt,
+        prompt=prompt,
+        index=index,
         id_slot=0,
         slot_id=0,
         timings=_timings(view),
@@ -224,17 +253,20 @@ def _timings(view: TaskView) -> Timings:
     )
 
 
-async def _pieces(services: Services, task_id: str, body: CompletionRequest) -> AsyncIterator[str]:
-    """`{"content", "stop": false}` per chunk, then the whole result with `stop: true` and no
-    text of its own (it was streamed), and no `[DONE]`: llama.cpp's stream."""
+async def _pieces(
+    services: Services, task_ids: list[str], body: CompletionRequest, prompts: list[str | list[int | str]]
+) -> AsyncIterator[str]:
+    """`{"index", "content", "stop": false}` per chunk (a batch's prompts interleaved), then each prompt's
+    whole result with `stop: true` and no text of its own (it was streamed), and no `[DONE]`: llama.cpp's
+    stream."""
     try:
-        async for item in chunks_then_result(services, task_id):
+        async for index, item in merged_chunks(services, task_ids):
             if isinstance(item, StreamEntry):
                 scored = _probabilities(list(zip(item.token_ids, item.logprobs)), services.tokenizer) or None
-                yield StreamPiece(content=item.text or "", completion_probabilities=scored).model_dump_json(
-                    exclude_none=True
-                )
+                piece = StreamPiece(index=index, content=item.text or "", completion_probabilities=scored)
+                yield piece.model_dump_json(exclude_none=True)
             else:
-                yield _result(item, body, services.settings, content="").model_dump_json(exclude_none=True)
+                result = _result(item, body, services.settings, prompts[index], index, content="")
+                yield result.model_dump_json(exclude_none=True)
     except StreamBroken as exc:
         yield json.dumps({"error": {"code": 500, "message": str(exc), "type": "server_error"}})

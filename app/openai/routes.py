@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from app.admission import admit, internal_request
+from app.admission import admit_all, internal_request
 from app.deps import Services, ServicesDep
 from app.openai import convert
 from app.openai.errors import OpenAIError
@@ -43,9 +43,8 @@ from app.streams import (
     StreamBroken,
     StreamEntry,
     admit_streaming,
-    final_view,
+    final_views,
     merged_chunks,
-    until_ended,
 )
 from core.protocol import TaskView
 from model_loader.source import model_name
@@ -175,31 +174,15 @@ def _headers(task_ids: list[str]) -> dict[str, str]:
 
 
 async def _admit(body: Sampling, requests: list[dict[str, object]], services: Services, caller: str | None) -> list[str]:
-    """Refuse what this family cannot honour, then the admission every door shares, a task per choice:
-    every request is checked before the first is queued, and a refusal midway cancels those queued."""
+    """Refuse what this family cannot honour, then the admission every door shares, a task per choice."""
     convert.check_supported(body, served_models(services))
-    background = body.service_tier == "flex"
-    checked = [internal_request(fields) for fields in requests]
-    task_ids: list[str] = []
-    try:
-        for internal in checked:
-            task_ids.append(await run_in_threadpool(admit, internal, services, caller, None, background))
-    except BaseException:
-        for task_id in task_ids:
-            services.store.request_cancel(task_id)
-        raise
-    return task_ids
+    return await admit_all([internal_request(fields) for fields in requests], services, caller,
+                           background=body.service_tier == "flex")
 
 
 async def _results(services: Services, task_ids: list[str], request: Request) -> list[TaskView] | None:
-    """The finished views; None when the client left first (every task is then cancelled)."""
-    for task_id in task_ids:
-        if not await until_ended(services, task_id, request.is_disconnected):
-            for other in task_ids:
-                services.store.request_cancel(other)
-            return None
     try:
-        return [await final_view(services, task_id) for task_id in task_ids]
+        return await final_views(services, task_ids, request.is_disconnected)
     except StreamBroken as exc:
         raise OpenAIError(500, str(exc), kind="server_error") from exc
 
