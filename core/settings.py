@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache_dir: Path = Path(".cache/models")
     model_alias: str = Field("", description="Another name clients may give as `model` (the OpenAI API).")
+    any_model_name: bool = Field(
+        False, description="Answer any `model` name with the served model, as llama-server does (OpenAI and vLLM "
+        "answer 404 for a name they do not serve).",
+    )
     prompt_format: Literal["auto", "llama2", "template"] = "auto"
     context_window: int | None = Field(None, ge=16, description="Tokens; empty means the model config's value.")
     default_system_prompt: str = "You are a helpful assistant."

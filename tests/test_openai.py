@@ -1,5 +1,6 @@
 """OpenAI's API on the durable queue, driven by the official `openai` package against the real stack."""
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,24 @@ def test_llama_servers_unprefixed_routes_and_stream_options_without_stream(api_u
             bare.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                          stream_options={"include_usage": True})
         assert caught.value.param == "stream_options"
+
+
+def test_llama_servers_chat_extras_and_what_openai_sends(sdk: openai.OpenAI, api_url: str) -> None:
+    """No `model` (the served one answers), llama-server's `grammar` and `json_schema` on chat and a
+    json_object's `schema`; chunks leave out what they do not set, and carry a system_fingerprint."""
+    chat = httpx.post(f"{api_url}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Say yes or no."}], "grammar": 'root ::= "yes" | "no"', "max_tokens": 4,
+    }).json()
+    assert chat["model"] == MODEL and chat["choices"][0]["message"]["content"] in ("yes", "no")
+    assert chat["system_fingerprint"].startswith("fp_")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    for extra in ({"json_schema": schema}, {"response_format": {"type": "json_object", "schema": schema}}):
+        answer = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A number?"}],
+                                             temperature=0, max_tokens=20, extra_body=extra)
+        assert set(json.loads(answer.choices[0].message.content)) == {"n"}
+    with httpx.stream("POST", f"{api_url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "stream": True,
+    }) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in chunk["choices"][0]["delta"] for chunk in chunks[1:])

@@ -1,5 +1,6 @@
 """OpenAI requests onto the one internal request, and task results back into OpenAI's shapes."""
 
+import hashlib
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ from app.openai.tools import ToolStream, call_id, call_turn, read_answer, result
 from app.streams import StreamEntry
 from app.tokens import spoken, token_raw, token_text
 from core.protocol import Role, TaskView
+from core.settings import Settings
+from model_loader.source import model_name
 from prompts.tools import Call, Function
 
 ROLES = {
@@ -33,17 +36,21 @@ ROLES = {
 }
 
 
-def check_model(model: str, served: list[str]) -> None:
-    if model not in served:
+def model_named(model: str | None, served: list[str], any_name: bool) -> str:
+    """The model an answer names: the one asked for when served (any, with ANY_MODEL_NAME), the served
+    model when none is named, as vLLM and llama-server do; else a 404."""
+    if model is None:
+        return served[0]
+    if model not in served and not any_name:
         raise OpenAIError(
             404, f"the model '{model}' does not exist; this server serves {', '.join(served)}",
             param="model", code="model_not_found",
         )
+    return model
 
 
-def check_supported(body: Sampling, served: list[str]) -> None:
-    """The model must be one this server serves; options it cannot honour are refused by name."""
-    check_model(body.model, served)
+def check_supported(body: Sampling) -> None:
+    """Options this server cannot honour are refused by name."""
     refuse_unsupported(body.first_used())
     if body.stream_options is not None and not body.stream:
         raise OpenAIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
@@ -210,7 +217,8 @@ def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
         "repetition_penalty": body.repetition_penalty,
         "seed": body.seed,
         "stop": body.stops() or None,
-        "json_schema": body.response_format.schema_wanted() if body.response_format else None,
+        "json_schema": body.response_format.schema_wanted() if body.response_format else body.json_schema,
+        "grammar": body.grammar,
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "logit_bias": body.logit_bias,
@@ -231,6 +239,13 @@ def usage(views: list[TaskView], n: int) -> Usage:
     prompt = sum(view.usage.prompt_tokens for view in views[::n] if view.usage)
     completion = sum(view.usage.completion_tokens for view in views if view.usage)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def fingerprint(settings: Settings) -> str:
+    """OpenAI's `system_fingerprint`: what serves the answers (model, engine, quantization), so that a
+    client can tell when that changes, as OpenAI's changes with its backend."""
+    served = f"{model_name(settings)}:{settings.engine}:{settings.quantization}"
+    return "fp_" + hashlib.sha256(served.encode()).hexdigest()[:10]
 
 
 def created_now() -> int:

@@ -7,7 +7,15 @@ rather than silently served differently.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from core.constraints import ANY_OBJECT
 from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
@@ -112,7 +120,7 @@ def first_set(request: BaseModel, options: type[BaseModel], neutral: dict[str, o
 class JsonSchema(BaseModel):
     """`response_format.json_schema`: the answer is constrained to the schema whether or not `strict` is set."""
 
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="OpenAI's; optional here.")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
@@ -121,12 +129,15 @@ class JsonSchema(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="llama-server's: json_object's schema.")
 
     def schema_wanted(self) -> dict[str, Any] | None:
         """The schema the answer must follow; None for plain text."""
         if self.type == "text":
             return None
-        if self.type == "json_object" or self.json_schema is None or self.json_schema.schema_ is None:
+        if self.type == "json_object":
+            return self.schema_ or ANY_OBJECT
+        if self.json_schema is None or self.json_schema.schema_ is None:
             return ANY_OBJECT
         return self.json_schema.schema_
 
@@ -140,7 +151,7 @@ class Sampling(Unsupported):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = Field(None, description="The served model's name (or MODEL_ALIAS); left out, the served model.")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -155,6 +166,8 @@ class Sampling(Unsupported):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = Field(None, description="llama-server's extra: as response_format's schema.")
+    grammar: str | None = Field(None, description="llama-server's extra: GBNF the answer follows.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, description="Token ids (as strings) to -100..100.")
@@ -248,6 +261,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
 
@@ -257,9 +271,15 @@ class DeltaToolCall(ToolCall):
 
 
 class Delta(BaseModel):
+    """Only what a chunk adds: fields it leaves unset are left out, as OpenAI sends them."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -274,6 +294,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
@@ -290,6 +311,7 @@ class Completion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -35,6 +35,7 @@ from app.openai.protocol import (
     Model,
     ModelList,
     Sampling,
+    Usage,
 )
 from app.security import CallerTag
 from app.sse import sse_response
@@ -77,20 +78,26 @@ def get_model(model_id: str, services: ServicesDep) -> Model:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> Response:
+    body.model = convert.model_named(body.model, served_models(services), services.settings.any_model_name)
     convert.check_chat(body)
     fields = convert.chat_request(body, services.settings.default_system_prompt)
     task_ids, on_close = await admit_streaming(
         services, caller, body.stream, lambda: _admit(body, convert.choices([fields], body), services, caller)
     )
     answer_id, created, headers = f"chatcmpl-{task_ids[0]}", convert.created_now(), _headers(task_ids)
+    fingerprint = convert.fingerprint(services.settings)
+
+    def streamed(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(
+            id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
+            usage=usage,
+        ).model_dump_json()
 
     def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
-        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
-        return ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[choice]).model_dump_json()
+        return streamed([ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])  # type: ignore[arg-type]
 
     def usage_chunk(views: list[TaskView]) -> str:
-        usage = convert.usage(views, len(views))
-        return ChatCompletionChunk(id=answer_id, created=created, model=body.model, choices=[], usage=usage).model_dump_json()
+        return streamed([], convert.usage(views, len(views)))
 
     if body.stream:
         answers = [convert.ChatStream(body, task_id, services.tokenizer, partial(chunk, i))
@@ -115,22 +122,26 @@ async def chat_completions(
             finish_reason=convert.finish_reason(view, calls), logprobs=logprobs,  # type: ignore[arg-type]
         ))
     answer = ChatCompletion(
-        id=answer_id, created=created, model=body.model, choices=choices, usage=convert.usage(views, len(views))
+        id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
+        usage=convert.usage(views, len(views)),
     )
     return JSONResponse(answer.model_dump(), headers=headers)
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerTag) -> Response:
+    body.model = convert.model_named(body.model, served_models(services), services.settings.any_model_name)
     prompts = convert.completion_requests(body)
     task_ids, on_close = await admit_streaming(
         services, caller, body.stream, lambda: _admit(body, convert.choices(prompts, body), services, caller)
     )
     answer_id, created, headers = f"cmpl-{task_ids[0]}", convert.created_now(), _headers(task_ids)
+    fingerprint = convert.fingerprint(services.settings)
 
     def answer(choices: list[CompletionChoice], views: list[TaskView] | None = None) -> Completion:
         usage = convert.usage(views, body.n) if views is not None else None
-        return Completion(id=answer_id, created=created, model=body.model, choices=choices, usage=usage)
+        return Completion(id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint,
+                          choices=choices, usage=usage)
 
     def chunk(index: int, text: str, finish: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
@@ -175,7 +186,7 @@ def _headers(task_ids: list[str]) -> dict[str, str]:
 
 async def _admit(body: Sampling, requests: list[dict[str, object]], services: Services, caller: str | None) -> list[str]:
     """Refuse what this family cannot honour, then the admission every door shares, a task per choice."""
-    convert.check_supported(body, served_models(services))
+    convert.check_supported(body)
     return await admit_all([internal_request(fields) for fields in requests], services, caller,
                            background=body.service_tier == "flex")
 

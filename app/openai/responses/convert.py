@@ -9,7 +9,7 @@ import time
 
 from pydantic import ValidationError
 
-from app.openai.convert import ROLES, check_model, refuse_unsupported
+from app.openai.convert import ROLES, refuse_unsupported
 from app.openai.tools import Mode, Turn, call_id, call_turn, read_answer, result_turn, tool_fields
 from app.openai.errors import OpenAIError
 from app.openai.responses.protocol import (
@@ -53,8 +53,7 @@ def task_id_of(response_id: str) -> str:
     return response_id.removeprefix(PREFIX) if response_id.startswith(PREFIX) else ""
 
 
-def check_supported(body: ResponseCreateRequest, served: list[str]) -> None:
-    check_model(body.model, served)
+def check_supported(body: ResponseCreateRequest) -> None:
     refuse_unsupported(body.first_used())
     if body.text is not None and body.text.format.type == "json_schema" and body.text.format.schema_ is None:
         raise OpenAIError(400, "text.format: 'schema' is required when type is 'json_schema'", param="text.format")

@@ -135,7 +135,7 @@ class Unsupported(BaseModel):
 class ResponseCreateRequest(Unsupported):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None
     input: Text | list[InputItem] = Field(description="A user message as a string, or a list of turns and calls.")
     instructions: Text | None = Field(None, description="The system prompt.")
     max_output_tokens: int | None = Field(None, ge=1)

@@ -29,6 +29,7 @@ from app.openai.responses.protocol import (
     ResponseDeleted,
     ResponseSettings,
 )
+from app.openai.convert import model_named
 from app.openai.routes import served_models
 from app.security import CallerTag, visible_task_id
 from app.sse import sse_response
@@ -70,7 +71,8 @@ StoredResponse = Annotated[Stored, Depends(stored_response)]
 async def create_response(
     body: ResponseCreateRequest, request: Request, services: ServicesDep, caller: CallerTag
 ) -> HTTPResponse:
-    convert.check_supported(body, served_models(services))
+    body.model = model_named(body.model, served_models(services), services.settings.any_model_name)
+    convert.check_supported(body)
     fields = convert.internal_fields(body, services.settings.default_system_prompt)
     internal = internal_request(fields).with_defaults(services.settings)
     settings = convert.settings_of(body, internal)
