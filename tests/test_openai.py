@@ -61,6 +61,8 @@ def test_chat_streams_as_the_sdk_expects_with_usage_last(sdk: openai.OpenAI) -> 
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    timings = chunks[-1].model_extra["timings"]  # llama-server's, beside the usage
+    assert timings["predicted_n"] == whole.usage.completion_tokens and timings["prompt_per_second"] > 0
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
 

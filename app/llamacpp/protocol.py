@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
+from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, TaskView, Text
 
 
 class CompletionRequest(BaseModel):
@@ -54,6 +54,24 @@ class Timings(BaseModel):
     predicted_ms: float
     predicted_per_token_ms: float
     predicted_per_second: float
+
+    @classmethod
+    def of(cls, view: TaskView) -> "Timings":
+        """llama.cpp's split: the prompt until the first token, the prediction after it."""
+        prompt_n = view.usage.prompt_tokens if view.usage else 0
+        predicted_n = view.usage.completion_tokens if view.usage else 0
+        first_s = (view.timings.time_to_first_token_s or 0.0) if view.timings else 0.0
+        predicted_s = max(0.0, (view.timings.generation_s if view.timings else 0.0) - first_s)
+        return cls(
+            prompt_n=prompt_n,
+            prompt_ms=first_s * 1000,
+            prompt_per_token_ms=first_s * 1000 / prompt_n if prompt_n else 0.0,
+            prompt_per_second=prompt_n / first_s if first_s else 0.0,
+            predicted_n=predicted_n,
+            predicted_ms=predicted_s * 1000,
+            predicted_per_token_ms=predicted_s * 1000 / predicted_n if predicted_n else 0.0,
+            predicted_per_second=predicted_n / predicted_s if predicted_s else 0.0,
+        )
 
 
 class TopProbability(BaseModel):

@@ -217,7 +217,7 @@ def _result(
         index=index,
         id_slot=0,
         slot_id=0,
-        timings=_timings(view),
+        timings=Timings.of(view),
     )
 
 
@@ -233,24 +233,6 @@ def _probabilities(scored: list[tuple[int, list | None]], tokenizer: Tokenizer) 
                          top_logprobs=[top(i, p) for i, p in (lp[1] if lp else [])])
         for token_id, lp in spoken(tokenizer, scored)
     ]
-
-
-def _timings(view: TaskView) -> Timings:
-    """llama.cpp's split: the prompt until the first token, the prediction after it."""
-    prompt_n = view.usage.prompt_tokens if view.usage else 0
-    predicted_n = view.usage.completion_tokens if view.usage else 0
-    first_s = (view.timings.time_to_first_token_s or 0.0) if view.timings else 0.0
-    predicted_s = max(0.0, (view.timings.generation_s if view.timings else 0.0) - first_s)
-    return Timings(
-        prompt_n=prompt_n,
-        prompt_ms=first_s * 1000,
-        prompt_per_token_ms=first_s * 1000 / prompt_n if prompt_n else 0.0,
-        prompt_per_second=prompt_n / first_s if first_s else 0.0,
-        predicted_n=predicted_n,
-        predicted_ms=predicted_s * 1000,
-        predicted_per_token_ms=predicted_s * 1000 / predicted_n if predicted_n else 0.0,
-        predicted_per_second=predicted_n / predicted_s if predicted_s else 0.0,
-    )
 
 
 async def _pieces(

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.llamacpp.protocol import Timings
 from core.constraints import ANY_OBJECT
 from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, Text
 
@@ -297,6 +298,13 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+class UsageChunk(ChatCompletionChunk):
+    """The usage chunk of a chat stream, with llama-server's `timings` beside OpenAI's usage, as
+    llama-server sends them (prompt until the first token, prediction after it)."""
+
+    timings: Timings
 
 
 class CompletionChoice(BaseModel):

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.admission import admit_all, internal_request
 from app.deps import Services, ServicesDep
+from app.llamacpp.protocol import Timings
 from app.openai import convert
 from app.openai.errors import OpenAIError
 from app.openai.protocol import (
@@ -35,7 +36,7 @@ from app.openai.protocol import (
     Model,
     ModelList,
     Sampling,
-    Usage,
+    UsageChunk,
 )
 from app.security import CallerTag
 from app.sse import sse_response
@@ -87,17 +88,17 @@ async def chat_completions(
     answer_id, created, headers = f"chatcmpl-{task_ids[0]}", convert.created_now(), _headers(task_ids)
     fingerprint = convert.fingerprint(services.settings)
 
-    def streamed(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
         return ChatCompletionChunk(
-            id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
-            usage=usage,
+            id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=[choice]
         ).model_dump_json()
 
-    def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
-        return streamed([ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])  # type: ignore[arg-type]
-
     def usage_chunk(views: list[TaskView]) -> str:
-        return streamed([], convert.usage(views, len(views)))
+        return UsageChunk(
+            id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=[],
+            usage=convert.usage(views, len(views)), timings=Timings.of(views[0]),
+        ).model_dump_json()
 
     if body.stream:
         answers = [convert.ChatStream(body, task_id, services.tokenizer, partial(chunk, i))
