@@ -291,6 +291,15 @@ class TaskStore:
         value = self.redis.hget(record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
+    def note_prompt(self, task_id: str, prompt_tokens: int) -> None:
+        """How long the prompt is, known once a worker builds it: for timings read mid-answer."""
+        self.redis.hset(record_key(task_id), "prompt_tokens", prompt_tokens)
+
+    def prompt_started(self, task_id: str) -> tuple[int, float] | None:
+        """The prompt's tokens and when the task first started (worker clock), once both are known."""
+        tokens, started = self.redis.hmget(record_key(task_id), "prompt_tokens", "first_started_at")
+        return (int(tokens), float(started)) if tokens is not None and started is not None else None
+
     def start(self, task_id: str, worker: str, request: str) -> Started:
         """Hold the task under a new attempt with a fresh lease, unless another attempt holds it.
 

@@ -118,3 +118,14 @@ def test_response_fields_and_logit_bias_by_text(client: httpx.Client) -> None:
     first = client.post("/completion", json=body | {"n_probs": 1}).json()["completion_probabilities"][0]["token"]
     banned = client.post("/completion", json=body | {"logit_bias": [[first, False]]}).json()
     assert plain["content"].startswith(first) and not banned["content"].startswith(first)
+
+
+def test_timings_per_token_in_each_streamed_event(client: httpx.Client) -> None:
+    body = {"prompt": "The capital of France is", "n_predict": 12, "temperature": 0, "stream": True,
+            "timings_per_token": True}
+    with client.stream("POST", "/completion", json=body) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    *pieces, last = events
+    counts = [piece["timings"]["predicted_n"] for piece in pieces]
+    assert counts == sorted(counts) and counts[-1] <= last["timings"]["predicted_n"] == 12
+    assert all(piece["timings"]["prompt_n"] == last["timings"]["prompt_n"] > 0 for piece in pieces)

@@ -36,6 +36,7 @@ class CompletionRequest(BaseModel):
         None, description="[[id or text, bias], ...] or {id or text: bias}; text biases each of its tokens; "
         "false bans the token, as in llama.cpp.",
     )
+    timings_per_token: bool = Field(False, description="Each streamed event carries the timings so far.")
     response_fields: list[str] = Field(
         default_factory=list, description="Answer only these fields ('a/b' for a nested one), as llama.cpp does."
     )
@@ -56,22 +57,27 @@ class Timings(BaseModel):
     predicted_per_second: float
 
     @classmethod
+    def so_far(cls, prompt_n: int, first_token_s: float, predicted_n: int, predicted_s: float) -> "Timings":
+        """Mid-answer: the prompt until the first token, the prediction since it, as far as it has gone."""
+        return cls(
+            prompt_n=prompt_n,
+            prompt_ms=first_token_s * 1000,
+            prompt_per_token_ms=first_token_s * 1000 / prompt_n if prompt_n else 0.0,
+            prompt_per_second=prompt_n / first_token_s if first_token_s else 0.0,
+            predicted_n=predicted_n,
+            predicted_ms=predicted_s * 1000,
+            predicted_per_token_ms=predicted_s * 1000 / predicted_n if predicted_n else 0.0,
+            predicted_per_second=predicted_n / predicted_s if predicted_s else 0.0,
+        )
+
+    @classmethod
     def of(cls, view: TaskView) -> "Timings":
         """llama.cpp's split: the prompt until the first token, the prediction after it."""
         prompt_n = view.usage.prompt_tokens if view.usage else 0
         predicted_n = view.usage.completion_tokens if view.usage else 0
         first_s = (view.timings.time_to_first_token_s or 0.0) if view.timings else 0.0
         predicted_s = max(0.0, (view.timings.generation_s if view.timings else 0.0) - first_s)
-        return cls(
-            prompt_n=prompt_n,
-            prompt_ms=first_s * 1000,
-            prompt_per_token_ms=first_s * 1000 / prompt_n if prompt_n else 0.0,
-            prompt_per_second=prompt_n / first_s if first_s else 0.0,
-            predicted_n=predicted_n,
-            predicted_ms=predicted_s * 1000,
-            predicted_per_token_ms=predicted_s * 1000 / predicted_n if predicted_n else 0.0,
-            predicted_per_second=predicted_n / predicted_s if predicted_s else 0.0,
-        )
+        return cls.so_far(prompt_n, first_s, predicted_n, predicted_s)
 
 
 class TopProbability(BaseModel):
@@ -113,6 +119,7 @@ class StreamPiece(BaseModel):
     index: int = 0  # which prompt of a batch
     content: str
     stop: Literal[False] = False
+    timings: Timings | None = None
     completion_probabilities: list[TokenProbability] | None = None
 
 

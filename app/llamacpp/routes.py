@@ -235,17 +235,44 @@ def _probabilities(scored: list[tuple[int, list | None]], tokenizer: Tokenizer) 
     ]
 
 
+class _Clock:
+    """One answer's timings as it streams (`timings_per_token`): the prompt's tokens and the task's first
+    start from its record, when the first chunk was written and when each since was, from the chunks'
+    stream ids (Redis's clock, in ms)."""
+
+    def __init__(self, services: Services, task_id: str) -> None:
+        self._services = services
+        self._task_id = task_id
+        self._prompt: tuple[int, float] | None = None
+        self._first_ms: int | None = None
+        self._tokens = 0
+
+    async def timings(self, entry: StreamEntry) -> Timings | None:
+        at_ms = int(entry.cursor.split("-")[0])
+        self._first_ms = self._first_ms or at_ms
+        self._tokens += len(entry.token_ids)
+        self._prompt = self._prompt or await run_in_threadpool(self._services.store.prompt_started, self._task_id)
+        if self._prompt is None:
+            return None
+        prompt_n, started_at = self._prompt
+        first_token_s = max(0.0, self._first_ms / 1000 - started_at)
+        return Timings.so_far(prompt_n, first_token_s, self._tokens, (at_ms - self._first_ms) / 1000)
+
+
 async def _pieces(
     services: Services, task_ids: list[str], body: CompletionRequest, prompts: list[str | list[int | str]]
 ) -> AsyncIterator[str]:
     """`{"index", "content", "stop": false}` per chunk (a batch's prompts interleaved), then each prompt's
     whole result with `stop: true` and no text of its own (it was streamed), and no `[DONE]`: llama.cpp's
     stream."""
+    clocks = [_Clock(services, task_id) for task_id in task_ids] if body.timings_per_token else []
     try:
         async for index, item in merged_chunks(services, task_ids):
             if isinstance(item, StreamEntry):
                 scored = _probabilities(list(zip(item.token_ids, item.logprobs)), services.tokenizer) or None
-                piece = StreamPiece(index=index, content=item.text or "", completion_probabilities=scored)
+                timings = await clocks[index].timings(item) if clocks else None
+                piece = StreamPiece(index=index, content=item.text or "", completion_probabilities=scored,
+                                    timings=timings)
                 yield piece.model_dump_json(exclude_none=True)
             else:
                 result = _result(item, body, services.settings, prompts[index], index, content="")
