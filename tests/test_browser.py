@@ -129,8 +129,9 @@ def test_an_answer_streams_in_then_shows_its_stats(page: Page, client: httpx.Cli
     open_page(page, api_url)
     expect(page.locator("#server-state")).to_have_text("Ready")
     expect(page.locator("#key-panel")).to_be_hidden()  # an open server asks for no key
-    configure(page, temperature="0", max_tokens="48")
-    ask(page, "Write three sentences about the sea.")
+    # Long enough to be seen twice while it runs, even when a loaded API hands the page several chunks at once.
+    configure(page, temperature="0", max_tokens="200")
+    ask(page, "Write a long story about the sea.")
 
     first = text_while_running(page)
     second = text_while_running(page, longer_than=first)

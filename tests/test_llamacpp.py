@@ -129,3 +129,12 @@ def test_timings_per_token_in_each_streamed_event(client: httpx.Client) -> None:
     counts = [piece["timings"]["predicted_n"] for piece in pieces]
     assert counts == sorted(counts) and counts[-1] <= last["timings"]["predicted_n"] == 12
     assert all(piece["timings"]["prompt_n"] == last["timings"]["prompt_n"] > 0 for piece in pieces)
+
+
+def test_apply_template_shows_the_prompt_a_chat_gives(client: httpx.Client) -> None:
+    messages = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hi there"}]
+    prompt = client.post("/apply-template", json={"messages": messages}).json()["prompt"]
+    assert prompt == ("<|im_start|>system\nYou are a test.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    refused = client.post("/apply-template", json={"messages": [{"role": "assistant", "content": "x"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("messages")

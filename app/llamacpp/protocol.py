@@ -146,6 +146,21 @@ class DetokenizeResponse(BaseModel):
     content: str
 
 
+class TemplateMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class ApplyTemplateRequest(BaseModel):
+    messages: list[TemplateMessage] = Field(min_length=1)
+
+
+class ApplyTemplateResponse(BaseModel):
+    prompt: str
+
+
 class ErrorDetail(BaseModel):
     code: int
     message: str

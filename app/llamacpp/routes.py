@@ -13,8 +13,11 @@ from tokenizers import Tokenizer
 from app.admission import admit_all, internal_request
 from app.deps import Services, ServicesDep
 from app.errors import Refusal
+from app.limits import check_prompt_chars
 from app.llamacpp.errors import LlamaCppRoute
 from app.llamacpp.protocol import (
+    ApplyTemplateRequest,
+    ApplyTemplateResponse,
     CompletionRequest,
     CompletionResult,
     DetokenizeRequest,
@@ -29,11 +32,12 @@ from app.llamacpp.protocol import (
 )
 from app.security import CallerTag
 from app.sse import sse_response
-from app.tokens import spoken, token_raw, token_text
 from app.streams import CLIENT_GONE, StreamBroken, StreamEntry, admit_streaming, final_views, merged_chunks
-from core.protocol import TaskView, sampling_defaults
+from app.tokens import spoken, token_raw, token_text
+from core.protocol import GenerateRequest, TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
+from prompts import PromptTooLong, build_prompt
 
 router = APIRouter(route_class=LlamaCppRoute, tags=["llama.cpp"])
 STOP_TYPES = {"eos": "eos", "length": "limit", "timeout": "limit", "stop": "word"}
@@ -97,6 +101,26 @@ def detokenize(body: DetokenizeRequest, services: ServicesDep) -> Response:
         raise Refusal(400, f"tokens: {unknown[0]} is not a token id (the vocabulary has {vocabulary})")
     content = services.tokenizer.decode(body.tokens, skip_special_tokens=False)
     return JSONResponse(DetokenizeResponse(content=content).model_dump())
+
+
+@router.post("/apply-template", response_model=ApplyTemplateResponse)
+async def apply_template(body: ApplyTemplateRequest, services: ServicesDep) -> Response:
+    """The prompt a chat of these messages gives the model, as text: the chat format with the server's
+    default system prompt where the chat has none, as a worker builds it (llama-server renders only the
+    messages)."""
+    internal = internal_request({"messages": [message.model_dump() for message in body.messages]})
+    check_prompt_chars(internal, services.settings.max_prompt_chars)
+    prompt = await anyio.to_thread.run_sync(_rendered, internal, services, limiter=TOKENIZING)
+    return JSONResponse(ApplyTemplateResponse(prompt=prompt).model_dump())
+
+
+def _rendered(internal: GenerateRequest, services: Services) -> str:
+    try:
+        prompt = build_prompt(services.formatter, internal, services.settings.default_system_prompt,
+                              services.context_window)
+    except PromptTooLong as exc:
+        raise Refusal(400, f"messages: {exc}") from exc
+    return services.tokenizer.decode(prompt.input_ids, skip_special_tokens=False)
 
 
 @router.get("/props")
