@@ -8,19 +8,19 @@ from tokenizers import Tokenizer
 
 from app.openai.errors import OpenAIError
 from app.openai.protocol import (
+    MAX_CHOICES,
     ChatCompletionRequest,
     ChoiceLogprobs,
     CompletionLogprobs,
     CompletionRequest,
     ContentLogprob,
-    MAX_CHOICES,
     Delta,
     DeltaToolCall,
-    TopLogprob,
     FunctionCall,
     NamedToolChoice,
     Sampling,
     ToolCall,
+    TopLogprob,
     Usage,
 )
 from app.openai.tools import ToolStream, call_id, call_turn, read_answer, result_turn, tool_fields
@@ -156,8 +156,8 @@ def _functions(body: ChatCompletionRequest) -> list[Function]:
 def completion_requests(body: CompletionRequest) -> list[dict[str, object]]:
     """A request per prompt of the batch: each the model's raw input (no chat template, no system
     prompt), as text or token ids."""
-    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
-        else [body.prompt]
+    batch = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
+    prompts = body.prompt if batch else [body.prompt]
     if not prompts or len(prompts) * body.n > MAX_CHOICES:
         raise OpenAIError(400, f"prompt: give 1 to {MAX_CHOICES // body.n} prompts (times n, at most {MAX_CHOICES})",
                           param="prompt")
@@ -209,21 +209,20 @@ def completion_logprobs(tokens: Scored, tokenizer: Tokenizer, offset: int = 0) -
 
 def _sampling(body: Sampling, max_tokens: int | None) -> dict[str, object]:
     """Only what the client set: the rest takes the server's defaults, as for /generate."""
-    values = {
-        "max_new_tokens": max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "repetition_penalty": body.repetition_penalty,
-        "seed": body.seed,
-        "stop": body.stops() or None,
-        "json_schema": body.response_format.schema_wanted() if body.response_format else body.json_schema,
-        "grammar": body.grammar,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "logit_bias": body.logit_bias,
-    }
-    return {key: value for key, value in values.items() if value is not None}
+    return _set(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=body.stops() or None,
+        json_schema=body.response_format.schema_wanted() if body.response_format else body.json_schema,
+        grammar=body.grammar,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=body.logit_bias,
+    )
 
 
 def finish_reason(view: TaskView, calls: list[ToolCall] | None = None) -> str:
