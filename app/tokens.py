@@ -30,6 +30,11 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
+def scored_token(tokenizer: Tokenizer, token_id: int, logprob: float | None) -> dict[str, object]:
+    """A token with its log probability as both families show one: `token`, `bytes`, `logprob`."""
+    return {"token": token_text(tokenizer, token_id), "bytes": list(token_raw(tokenizer, token_id)), "logprob": logprob}
+
+
 def spoken(tokenizer: Tokenizer, scored: list[tuple[int, list | None]]) -> list[tuple[int, list | None]]:
     """The tokens that are part of the text: an end-of-sequence or other control token is not, as it is
     not in OpenAI's or llama.cpp's log probabilities."""

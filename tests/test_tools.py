@@ -184,3 +184,13 @@ def test_a_streamed_response_sends_its_call_whole_at_the_end(sdk: openai.OpenAI)
     assert len(done) == 1 and done[0].arguments == call.arguments and call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
     assert events[-1].type == "response.completed"
+
+
+def test_a_tool_whose_parameters_cannot_compile_is_a_400_naming_tools(sdk: openai.OpenAI) -> None:
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=MODEL, messages=ASK, tools=bad, tool_choice="required", max_tokens=4)
+    assert caught.value.param == "tools" and "no-such-type" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.responses.create(model=MODEL, input="hi", tools=[{"type": "function", **bad[0]["function"]}])
+    assert caught.value.param == "tools"

@@ -33,7 +33,7 @@ from app.llamacpp.protocol import (
 from app.security import CallerTag
 from app.sse import sse_response
 from app.streams import CLIENT_GONE, StreamBroken, StreamEntry, admit_streaming, final_views, merged_chunks
-from app.tokens import spoken, token_raw, token_text
+from app.tokens import scored_token, spoken
 from core.protocol import GenerateRequest, TaskView, sampling_defaults
 from core.settings import Settings
 from model_loader.source import model_name
@@ -249,8 +249,7 @@ def _probabilities(scored: list[tuple[int, list | None]], tokenizer: Tokenizer) 
     """Each token's entry as llama-server writes it, from the log probabilities kept with the chunks."""
 
     def top(token_id: int, logprob: float | None) -> TopProbability:
-        return TopProbability(id=token_id, token=token_text(tokenizer, token_id),
-                              bytes=list(token_raw(tokenizer, token_id)), logprob=logprob)
+        return TopProbability(id=token_id, **scored_token(tokenizer, token_id, logprob))
 
     return [
         TokenProbability(**top(token_id, lp[0] if lp else None).model_dump(),

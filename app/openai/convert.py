@@ -23,9 +23,18 @@ from app.openai.protocol import (
     TopLogprob,
     Usage,
 )
-from app.openai.tools import ToolStream, call_id, call_turn, read_answer, result_turn, tool_fields
+from app.openai.tools import (
+    ToolStream,
+    call_id,
+    call_turn,
+    offered,
+    parameters_error,
+    read_answer,
+    result_turn,
+    tool_fields,
+)
 from app.streams import StreamEntry
-from app.tokens import spoken, token_raw, token_text
+from app.tokens import scored_token, spoken, token_text
 from core.protocol import Role, TaskView
 from core.settings import Settings
 from model_loader.source import model_name
@@ -73,6 +82,8 @@ def check_chat(body: ChatCompletionRequest) -> None:
     if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names(body):
         raise OpenAIError(400, f"'tool_choice' names '{body.tool_choice.function.name}', which is not in 'tools'",
                           param="tool_choice")
+    if error := parameters_error(_functions(body)):
+        raise OpenAIError(400, f"tools: {error}", param="tools")
 
 
 def chat_request(body: ChatCompletionRequest, default_system_prompt: str) -> dict[str, object]:
@@ -146,11 +157,8 @@ def names(body: ChatCompletionRequest) -> set[str]:
 
 
 def _functions(body: ChatCompletionRequest) -> list[Function]:
-    """The functions the model is offered: only the named one when one is named."""
     functions = [Function(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
-    if isinstance(body.tool_choice, NamedToolChoice):
-        return [f for f in functions if f.name == body.tool_choice.function.name]
-    return functions
+    return offered(functions, body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None)
 
 
 def completion_requests(body: CompletionRequest) -> list[dict[str, object]]:
@@ -184,8 +192,7 @@ Scored = list[tuple[int, list | None]]  # each token and its `[logprob, [[id, lo
 
 def chat_logprobs(tokens: Scored, tokenizer: Tokenizer) -> ChoiceLogprobs:
     def top(token_id: int, logprob: float | None) -> TopLogprob:
-        return TopLogprob(token=token_text(tokenizer, token_id), logprob=logprob,
-                          bytes=list(token_raw(tokenizer, token_id)))
+        return TopLogprob(**scored_token(tokenizer, token_id, logprob))
 
     return ChoiceLogprobs(content=[
         ContentLogprob(**top(token_id, scored[0] if scored else None).model_dump(),

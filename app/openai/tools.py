@@ -10,6 +10,7 @@ convention) and, for an answer that must call, the schema it is decoded under. R
 
 from typing import Literal
 
+from core.constraints import schema_error
 from core.protocol import Role
 from prompts.tools import (
     Call,
@@ -25,6 +26,19 @@ from prompts.tools import (
 
 Mode = Literal["none", "auto", "required", "named"]  # named: the one function offered must be called
 Turn = dict[str, str]  # {"role": Role, "content": text}, as the internal request's messages
+
+
+def offered(functions: list[Function], named: str | None) -> list[Function]:
+    """The functions the model is offered: only the one named when tool_choice names one."""
+    return [function for function in functions if named is None or function.name == named]
+
+
+def parameters_error(functions: list[Function]) -> str | None:
+    """Why a function's `parameters` cannot constrain its arguments, naming the function; None if all can."""
+    for function in functions:
+        if function.parameters is not None and (error := schema_error(function.parameters)):
+            return f"the parameters of '{function.name}' cannot constrain its arguments: {error}"
+    return None
 
 
 def call_turn(content: str, calls: list[Call]) -> Turn:

@@ -10,7 +10,17 @@ import time
 from pydantic import ValidationError
 
 from app.openai.convert import ROLES, refuse_unsupported
-from app.openai.tools import Mode, Turn, call_id, call_turn, read_answer, result_turn, tool_fields
+from app.openai.tools import (
+    Mode,
+    Turn,
+    call_id,
+    call_turn,
+    offered,
+    parameters_error,
+    read_answer,
+    result_turn,
+    tool_fields,
+)
 from app.openai.errors import OpenAIError
 from app.openai.responses.protocol import (
     FunctionCallInput,
@@ -63,12 +73,14 @@ def check_supported(body: ResponseCreateRequest) -> None:
         if tool.get("type") != "function":
             raise OpenAIError(400, f"tools[{i}]: only function tools are supported, not {str(tool.get('type'))[:40]!r}",
                               param="tools", code="unsupported_value")
-    functions = {tool.name for tool in function_tools(body)}
+    functions = _functions(body)
     if body.tool_choice not in (None, "none") and not functions:
         raise OpenAIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
-    if isinstance(body.tool_choice, FunctionChoice) and body.tool_choice.name not in functions:
+    if isinstance(body.tool_choice, FunctionChoice) and body.tool_choice.name not in {f.name for f in functions}:
         raise OpenAIError(400, f"'tool_choice' names '{body.tool_choice.name}', which is not in 'tools'",
                           param="tool_choice")
+    if error := parameters_error(functions):
+        raise OpenAIError(400, f"tools: {error}", param="tools")
 
 
 def function_tools(body: ResponseCreateRequest) -> list[FunctionTool]:
@@ -86,8 +98,8 @@ def internal_fields(body: ResponseCreateRequest, default_system_prompt: str) -> 
     of `instructions` or the default system prompt when `input` has none)."""
     turns = [{"role": Role.user, "content": body.input}] if isinstance(body.input, str) else _turns(body.input)
     mode = tool_mode(body)
-    functions = [Function(t.name, t.description, t.parameters) for t in function_tools(body)
-                 if mode != "named" or (isinstance(body.tool_choice, FunctionChoice) and t.name == body.tool_choice.name)]
+    named = body.tool_choice.name if isinstance(body.tool_choice, FunctionChoice) else None
+    functions = offered(_functions(body), named)
     system_prompt = body.instructions
     if mode != "none" and turns[0]["role"] != Role.system:
         system, system_prompt = (default_system_prompt if body.instructions is None else body.instructions), None
@@ -102,6 +114,10 @@ def internal_fields(body: ResponseCreateRequest, default_system_prompt: str) -> 
     if "json_schema" not in values and body.text:
         values["json_schema"] = body.text.format.schema_wanted()
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _functions(body: ResponseCreateRequest) -> list[Function]:
+    return [Function(tool.name, tool.description, tool.parameters) for tool in function_tools(body)]
 
 
 def tool_mode(body: ResponseCreateRequest | ResponseSettings) -> Mode:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
-from app.openai.protocol import ServiceTier, first_set
+from app.openai.protocol import FunctionDefinition, ServiceTier, first_set
 from core.constraints import ANY_OBJECT
 from core.protocol import Text
 
@@ -72,14 +72,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(FunctionDefinition):
     """A function the model may call: Responses' tools are flat, where Chat nests them in `function`."""
 
     type: Literal["function"] = "function"
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class FunctionChoice(BaseModel):
