@@ -39,7 +39,7 @@ OPTION_CAPABILITIES = {
 
 def check_capabilities(body: GenerateRequest, workers: list[WorkerState]) -> None:
     """Refuse an option some live worker's engine cannot honour, since any of them may take the task
-    (transformers batching has no per-request seed, repetition penalty or grammar). With no worker live,
+    (transformers batching has no per-request seed). With no worker live,
     nothing is known, and the task waits for one."""
     used = {
         "seed": body.seed is not None,

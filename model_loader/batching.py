@@ -7,9 +7,12 @@ queue (a router thread sorts the manager's shared output queue by request id) an
 its own `TokenSink`: streaming, stop strings and cancellation stay per task, and a task that
 stops early is cancelled in the manager so its slot frees at once.
 
-The manager samples from one generator for the whole batch and has no repetition penalty, so
-those two request options exist only at a concurrency of 1 (its capabilities say so, and the API
-refuses them while such a worker is live).
+Each request's own processing (log probabilities, penalties, logit_bias, its grammar: one
+`AnswerLogits`, as at a concurrency of 1) runs on its row of each step's scores, through a
+processor of ours that goes first in the manager's list. The manager samples the whole batch from
+one generator, so a seed cannot be honoured: its capabilities say so and the API refuses a
+caller's seed while such a worker is live (the seed the API gives every constrained answer, for
+vLLM's takeover, is not needed here, where the grammar follows the published tokens).
 
 Any exception in the manager's loop (a request it cannot take, CUDA out of memory) ends its
 decoding thread and fails every request in flight. The engine then starts a fresh manager on
@@ -19,6 +22,7 @@ worker goes on serving. Which request caused it cannot be told apart; a request 
 engine every time it runs ends after `MAX_ATTEMPTS`, like one that kills its worker.
 """
 
+import itertools
 import logging
 import math
 import queue
@@ -26,10 +30,12 @@ import threading
 import uuid
 from typing import NoReturn
 
+import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import ContinuousBatchingManager
-from transformers.generation.continuous_batching.requests import GenerationOutput
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput, RequestState
 
 from core.settings import Settings
 from model_loader.contract import (
@@ -44,7 +50,9 @@ from model_loader.contract import (
     SamplingParams,
     never,
 )
+from model_loader.grammar import Grammars
 from model_loader.loader import LoadedModel, decoder, eos_ids, memory
+from model_loader.logits import AnswerLogits, answer_logits
 from model_loader.sink import TokenSink
 
 log = logging.getLogger(__name__)
@@ -60,12 +68,14 @@ class BatchingEngine:
         self.flush = flush
         self.capabilities = Capabilities(
             engine="transformers", slots=settings.worker_slots, context_tokens=context_tokens, seed=False,
-            repetition_penalty=False, grammar=False, logprobs=False, penalties=False,
+            repetition_penalty=True, grammar=True, logprobs=True, penalties=True,
         )
         self._settings = settings
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
         self._vocab_size = loaded.model.config.get_text_config().vocab_size
+        self._grammars = Grammars(loaded.tokenizer, self._vocab_size, self._eos_ids)
+        self._answers = _PerRequest()
         self._queues: dict[str, queue.Queue[GenerationOutput]] = {}
         self._queues_lock = threading.Lock()
         self._manager_lock = threading.Lock()
@@ -85,23 +95,27 @@ class BatchingEngine:
         interruption: Interruption = never,
         resume: Resume = Resume(),
     ) -> Outcome:
-        if params.seed is not None or params.repetition_penalty != 1.0:
-            raise ValueError("seed and repetition_penalty need WORKER_CONCURRENCY=1 with ENGINE=transformers")
         sink = TokenSink.opened(self._decode, params, on_chunk, interruption, self.flush, resume)
         if left := sink.tokens_left(params, self._eos_ids):
-            self._run(input_ids + resume.token_ids, params, left, sink)
+            answer = answer_logits(params, input_ids, resume.token_ids, self._grammars)
+            self._run(input_ids + resume.token_ids, params, left, sink, answer)
         sink.close()
         return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
 
-    def _run(self, input_ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink) -> None:
+    def _run(
+        self, input_ids: list[int], params: SamplingParams, max_new_tokens: int, sink: TokenSink,
+        answer: AnswerLogits | None,
+    ) -> None:
         manager = self._running_manager()
-        request_id, outputs = self._submit(manager, input_ids, params, max_new_tokens)
+        key = self._answers.add(answer)
+        request_id, outputs = self._submit(manager, input_ids, params, max_new_tokens, key)
         try:
-            self._consume(manager, request_id, outputs, sink)
+            self._consume(manager, request_id, outputs, sink, answer)
         except BaseException:
             manager.cancel_request(request_id)  # so the batch does not go on decoding it for nobody
             raise
         finally:
+            self._answers.remove(key)
             with self._queues_lock:
                 self._queues.pop(request_id, None)
 
@@ -117,8 +131,12 @@ class BatchingEngine:
                 page_size=PAGE_SIZE,
                 num_blocks=math.ceil(self._settings.kv_cache_tokens / PAGE_SIZE),
                 max_batch_tokens=self._settings.max_batch_tokens,
+                # Our processor runs Python per row at each step: neither captured in a graph nor a step ahead.
+                use_cuda_graph=False,
+                use_async_batching=False,
             ),
         )
+        self._answers.join(manager)
         manager.start()
         threading.Thread(target=self._route_outputs, args=(manager,), name="cb-router", daemon=True).start()
         return manager
@@ -136,7 +154,8 @@ class BatchingEngine:
             return self._manager
 
     def _submit(
-        self, manager: ContinuousBatchingManager, input_ids: list[int], params: SamplingParams, max_new_tokens: int
+        self, manager: ContinuousBatchingManager, input_ids: list[int], params: SamplingParams, max_new_tokens: int,
+        answer_key: int,
     ) -> tuple[str, queue.Queue[GenerationOutput]]:
         request_id = uuid.uuid4().hex
         outputs: queue.Queue[GenerationOutput] = queue.Queue()
@@ -148,6 +167,7 @@ class BatchingEngine:
             max_new_tokens=max_new_tokens,
             streaming=True,
             eos_token_id=self._eos_ids,
+            answer=answer_key,
             **self._per_request_sampling(params),
         )
         return request_id, outputs
@@ -158,6 +178,7 @@ class BatchingEngine:
         request_id: str,
         outputs: queue.Queue[GenerationOutput],
         sink: TokenSink,
+        answer: AnswerLogits | None,
     ) -> None:
         """Feed each new token to the sink until the request finishes or the sink says stop."""
         seen = 0
@@ -175,9 +196,11 @@ class BatchingEngine:
                 if not manager.is_running():
                     self._restarted(f"the batch failed: {output.error}")
                 raise RuntimeError(f"generation failed: {output.error}")
+            if answer is not None and answer.failed:
+                raise RuntimeError(f"generation failed: {answer.failed}")
             for token in output.generated_tokens[seen:]:
                 seen += 1
-                if sink.add(token):
+                if sink.add(token, answer.logprob(token) if answer else None):
                     manager.cancel_request(request_id)
                     return
             if output.is_finished():
@@ -190,11 +213,11 @@ class BatchingEngine:
 
     def _per_request_sampling(self, params: SamplingParams) -> dict[str, float | int]:
         """Greedy is top-k 1; top-k 0 (off) is the whole vocabulary, and so is any larger top-k
-        (the manager indexes the sorted logits with it)."""
+        (the manager indexes the sorted logits with it). The manager checks the types: 1 is not a float."""
         if params.temperature == 0:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         top_k = min(params.top_k, self._vocab_size) if params.top_k else self._vocab_size
-        return {"temperature": params.temperature, "top_k": top_k, "top_p": params.top_p}
+        return {"temperature": float(params.temperature), "top_k": top_k, "top_p": float(params.top_p)}
 
     def _route_outputs(self, manager: ContinuousBatchingManager) -> None:
         """Sort one manager's shared output queue into each request's own queue, while it runs."""
@@ -208,6 +231,69 @@ class BatchingEngine:
                 target = self._queues.get(output.request_id)
             if target is not None:
                 target.put(output)
+
+
+class _PerRequest(ContinuousBatchingLogitsProcessor):
+    """The manager's hook for each request's own `AnswerLogits`, run on that request's row first, before
+    the batch's temperature, top-k and top-p. A request names its answer by the `answer` key it was
+    added with (0: none). The rows are the requests with a new token, in the batch's order, as they
+    are for the manager's own processors; their answers so far are read when the batch is prepared,
+    after the previous step's tokens were added."""
+
+    supported_kwargs: dict[str, type] = {"answer": int}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._answers: dict[int, AnswerLogits] = {}
+        self._keys = itertools.count(1)
+        self._rows: list[tuple[AnswerLogits, list[int]] | None] = []
+
+    def join(self, manager: ContinuousBatchingManager) -> None:
+        """Go first in a new manager's processors, before it sizes their arguments' storage (at start):
+        transformers builds that list from the generation config alone."""
+        processors = manager.logit_processor
+        processors.logits_processor.insert(0, self)
+        processors.tensors_required += 1
+        processors.supported_keys.update(self.supported_kwargs)
+        processors.do_processing = True
+
+    def add(self, answer: AnswerLogits | None) -> int:
+        if answer is None:
+            return 0
+        key = next(self._keys)
+        self._answers[key] = answer
+        return key
+
+    def remove(self, key: int) -> None:
+        self._answers.pop(key, None)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        self._rows = [self._row(request.state) for request in requests_with_new_token]
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)  # the rows are kept here instead
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        """A failing answer (a grammar that cannot go on) fails its own request, not the batch."""
+        for row, entry in enumerate(self._rows):
+            if entry is not None and not entry[0].failed:
+                answer, generated = entry
+                try:
+                    answer.step(generated, scores[row])
+                except Exception as exc:
+                    answer.failed = str(exc)
+        return scores
+
+    def _row(self, state: RequestState) -> tuple[AnswerLogits, list[int]] | None:
+        answer = self._answers.get(state.logit_processor_kwargs.get("answer", 0))
+        if answer is None:
+            return None
+        # A request the manager moved out of its cache and back starts again from its tokens so far,
+        # counting those after its first prompt as generated (as its own output does).
+        if state._true_initial_tokens:
+            return answer, state.initial_tokens[state._true_initial_tokens :] + state.generated_tokens
+        return answer, list(state.generated_tokens)
 
 
 def _generation_config(settings: Settings, eos: list[int]) -> GenerationConfig:

@@ -7,7 +7,6 @@ model for the cores (a `TextIteratorStreamer` thread ran at 0.6x of plain `gener
 
 import threading
 
-import llguidance
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -19,61 +18,34 @@ from model_loader.contract import (
     Outcome,
     Resume,
     SamplingParams,
-    TokenLogprob,
     never,
 )
-from model_loader.grammar import GrammarMask, grammar_of, grammar_tokenizer
+from model_loader.grammar import Grammars
+from model_loader.logits import AnswerLogits, answer_logits
 from model_loader.loader import LoadedModel, decoder, eos_ids, memory
 from model_loader.sink import TokenSink
 
 
-class _Logprobs(LogitsProcessor):
-    """Keeps each step's log probabilities as the model gave them: it runs before any processor of ours
-    (the grammar's mask) and before temperature, top-k and top-p, as llama.cpp's and vLLM's are."""
+class _Answer(LogitsProcessor):
+    """The answer's own processing as `generate` runs it: a batch of one, whose answer follows `start`."""
 
-    def __init__(self, top: int) -> None:
-        self.top = top
-        self.last: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.last = torch.log_softmax(scores[0].float(), dim=-1)
-        return scores
-
-    def of(self, token_id: int) -> TokenLogprob:
-        assert self.last is not None
-        values, ids = torch.topk(self.last, self.top) if self.top else (self.last[:0], self.last[:0])
-        return TokenLogprob(float(self.last[token_id]), [(int(i), float(v)) for i, v in zip(ids, values)])
-
-
-class _Penalties(LogitsProcessor):
-    """OpenAI's presence and frequency penalties over the answer's tokens so far (not the prompt's, as in
-    vLLM), and logit_bias added to the ids it names."""
-
-    def __init__(self, params: SamplingParams, prompt_tokens: int, vocab_size: int) -> None:
-        self.presence = params.presence_penalty
-        self.frequency = params.frequency_penalty
-        self.prompt_tokens = prompt_tokens
-        self.bias = torch.zeros(vocab_size)
-        for token_id, bias in params.logit_bias:
-            self.bias[token_id] = bias
+    def __init__(self, answer: AnswerLogits, start: int) -> None:
+        self.answer = answer
+        self.start = start
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        answer = input_ids[0, self.prompt_tokens :]
-        if len(answer) and (self.presence or self.frequency):
-            counts = torch.bincount(answer, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
-            scores[0] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
-        scores[0, : len(self.bias)] += self.bias.to(scores.device, scores.dtype)[: scores.shape[-1]]
+        self.answer.step(input_ids[0, self.start :].tolist(), scores[0])
         return scores
 
 
 class _SinkCriterion(StoppingCriteria):
-    def __init__(self, sink: TokenSink, logprobs: _Logprobs | None) -> None:
+    def __init__(self, sink: TokenSink, answer: AnswerLogits | None) -> None:
         self.sink = sink
-        self.logprobs = logprobs
+        self.answer = answer
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
         token = int(input_ids[0, -1])
-        done = self.sink.add(token, self.logprobs.of(token) if self.logprobs else None)
+        done = self.sink.add(token, self.answer.logprob(token) if self.answer else None)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -91,7 +63,7 @@ class SequentialEngine:
         self._lock = threading.Lock()
         self._eos_ids = eos_ids(loaded)
         self._decode = decoder(loaded)
-        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built at the first constrained request
+        self._grammars = Grammars(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size, self._eos_ids)
 
     def generate(
         self,
@@ -129,17 +101,14 @@ class SequentialEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sink = TokenSink.opened(self._decode, params, on_chunk, interruption, self.flush, resume)
-        logprobs = None if params.logprobs is None else _Logprobs(params.logprobs)
+        answer = answer_logits(params, input_ids, resume.token_ids, self._grammars)
         if left := sink.tokens_left(params, self._eos_ids):
             ids = torch.tensor([input_ids + resume.token_ids], device=device)
             self.loaded.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink, logprobs)]),
-                logits_processor=LogitsProcessorList([
-                    *([logprobs] if logprobs else []), *self._penalties(params, len(input_ids)),
-                    *self._grammar_mask(params, resume),
-                ]),
+                stopping_criteria=StoppingCriteriaList([_SinkCriterion(sink, answer)]),
+                logits_processor=LogitsProcessorList([_Answer(answer, ids.shape[1])] if answer else []),
                 pad_token_id=self.loaded.tokenizer.pad_token_id or self._eos_ids[0],
                 eos_token_id=self._eos_ids,
                 **_sampling_kwargs(params, left),
@@ -150,23 +119,10 @@ class SequentialEngine:
         return sink.outcome(len(input_ids), self._eos_ids, memory(self.loaded))
 
 
-    def _penalties(self, params: SamplingParams, prompt_tokens: int) -> list[LogitsProcessor]:
-        if not (params.presence_penalty or params.frequency_penalty or params.logit_bias):
-            return []
-        return [_Penalties(params, prompt_tokens, self.loaded.model.config.get_text_config().vocab_size)]
-
-    def _grammar_mask(self, params: SamplingParams, resume: Resume) -> LogitsProcessorList:
-        if not params.constrained:
-            return LogitsProcessorList()
-        if self._grammar_tokenizer is None:
-            vocab = self.loaded.model.config.get_text_config().vocab_size
-            self._grammar_tokenizer = grammar_tokenizer(self.loaded.tokenizer, vocab, self._eos_ids)
-        return LogitsProcessorList([GrammarMask(self._grammar_tokenizer, grammar_of(params), resume.token_ids)])
-
-
 def _sampling_kwargs(params: SamplingParams, max_new_tokens: int) -> dict[str, object]:
-    """`generate`'s arguments; temperature 0 means greedy, top_k 0 means no top-k."""
-    common = {"max_new_tokens": max_new_tokens, "repetition_penalty": params.repetition_penalty}
+    """`generate`'s arguments; temperature 0 means greedy, top_k 0 means no top-k. The repetition penalty is
+    the answer's own processing (model_loader.logits), so none of the model's defaults adds another."""
+    common = {"max_new_tokens": max_new_tokens, "repetition_penalty": 1.0}
     if params.temperature == 0:
         return common | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return common | {

@@ -177,18 +177,7 @@ def constrained(tokens: int, temperature: float = 0, seed: int | None = None, **
     )
 
 
-def without_grammar(engine: Engine) -> bool:
-    """Batching transformers has no per-request grammar: its heartbeat says so and the API refuses one
-    (tests/test_app_inprocess.py)."""
-    if engine.capabilities.grammar:
-        return False
-    assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
-    return True
-
-
 def test_a_constrained_answer_follows_its_schema_and_goes_on_after_a_takeover(engine: Engine, tokenizer_dir: Path) -> None:
-    if without_grammar(engine):
-        return
     ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
     params = constrained(200, json_schema=json.dumps(PET))
     chunks = Recorder()
@@ -204,8 +193,6 @@ def test_a_constrained_answer_follows_its_schema_and_goes_on_after_a_takeover(en
 def test_a_sampled_constrained_answer_follows_its_schema_across_a_takeover(engine: Engine, tokenizer_dir: Path) -> None:
     """At temperature 1 the model wanders; the grammar keeps it inside the schema, before and after another
     attempt takes the answer up (with the seed every constrained task carries)."""
-    if without_grammar(engine):
-        return
     ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
     params = constrained(300, temperature=1.0, seed=7, json_schema=json.dumps(PET))
     chunks = Recorder()
@@ -218,16 +205,12 @@ def test_a_sampled_constrained_answer_follows_its_schema_across_a_takeover(engin
 
 
 def test_a_gbnf_grammar_constrains_the_answer(engine: Engine, tokenizer_dir: Path) -> None:
-    if without_grammar(engine):
-        return
     ids = prompt(engine, "Is the sky green?", tokenizer_dir)
     answer = engine.generate(ids, constrained(16, grammar='root ::= ("yes" | "no") ", " [a-z]{1,8} "."'), Recorder())
     assert answer.finish_reason == "eos" and re.fullmatch(r"(yes|no), [a-z]{1,8}\.", answer.text), answer.text
 
 
 def test_a_grammar_cut_short_by_the_token_limit_ends_at_length(engine: Engine, tokenizer_dir: Path) -> None:
-    if without_grammar(engine):
-        return
     ids = prompt(engine, "Describe a pet as JSON.", tokenizer_dir)
     answer = engine.generate(ids, constrained(5, json_schema=json.dumps(PET)), Recorder())
     assert answer.finish_reason == "length" and answer.completion_tokens == 5 and answer.text.startswith("{")
@@ -236,9 +219,6 @@ def test_a_grammar_cut_short_by_the_token_limit_ends_at_length(engine: Engine, t
 def test_each_token_carries_its_log_probability_and_alternatives(engine: Engine, tokenizer_dir: Path) -> None:
     """Greedy, each token is the likeliest: its log probability is the first alternative's. A takeover's
     continuation carries its own tokens' (the published ones keep theirs in Redis)."""
-    if not engine.capabilities.logprobs:
-        assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
-        return  # the heartbeat says so, and the API refuses logprobs while such a worker is live
     ids = prompt(engine, "What is the capital of France?", tokenizer_dir)
     params = SamplingParams(max_new_tokens=16, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0, logprobs=3)
     chunks = Recorder()
@@ -260,9 +240,6 @@ def test_each_token_carries_its_log_probability_and_alternatives(engine: Engine,
 
 
 def test_logit_bias_and_penalties_steer_the_answer(engine: Engine, tokenizer_dir: Path) -> None:
-    if not engine.capabilities.penalties:
-        assert engine.capabilities.engine == "transformers" and engine.capabilities.slots > 1
-        return  # the heartbeat says so, and the API refuses them while such a worker is live
     ids = prompt(engine, STORY, tokenizer_dir)
 
     def run(tokens: int, **options: object) -> Recorder:
@@ -279,6 +256,51 @@ def test_logit_bias_and_penalties_steer_the_answer(engine: Engine, tokenizer_dir
     penalized = run(48, frequency_penalty=2.0, presence_penalty=1.0)
     assert penalized.ids != plain.ids
     assert len(set(penalized.ids)) > len(set(plain.ids)), "penalties make the answer repeat itself less"
+
+
+def test_a_repetition_penalty_makes_the_answer_repeat_itself_less(engine: Engine, tokenizer_dir: Path) -> None:
+    ids = prompt(engine, STORY, tokenizer_dir)
+    plain, penalized = Recorder(), Recorder()
+    engine.generate(ids, greedy(64), plain)
+    engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0, top_p=1, top_k=0, repetition_penalty=1.5),
+                    penalized)
+    assert penalized.ids != plain.ids
+
+    def distinct(ids: list[int]) -> float:
+        return len(set(ids)) / len(ids)
+
+    assert distinct(penalized.ids) > distinct(plain.ids), ("".join(plain.texts), "".join(penalized.texts))
+
+
+def test_answers_at_once_each_keep_their_own_grammar_and_options(engine: Engine, tokenizer_dir: Path) -> None:
+    """Batched in the same steps: each answer's grammar, log probabilities and bias stay its own."""
+    yes_no = constrained(16, grammar='root ::= ("yes" | "no") ", " [a-z]{1,8} "."')
+    pet = constrained(200, json_schema=json.dumps(PET))
+    scored = SamplingParams(max_new_tokens=16, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0, logprobs=2)
+    jobs = {
+        "yes_no": (prompt(engine, "Is the sky green?", tokenizer_dir), yes_no),
+        "pet": (prompt(engine, "Describe a pet as JSON.", tokenizer_dir), pet),
+        "scored": (prompt(engine, STORY, tokenizer_dir), scored),
+        "plain": (prompt(engine, STORY, tokenizer_dir), greedy(16)),
+    }
+    recorders = {name: Recorder() for name in jobs}
+    outcomes: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        ids, params = jobs[name]
+        outcomes[name] = engine.generate(ids, params, recorders[name])
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert set(outcomes) == set(jobs)
+    assert re.fullmatch(r"(yes|no), [a-z]{1,8}\.", outcomes["yes_no"].text), outcomes["yes_no"].text  # type: ignore[attr-defined]
+    jsonschema.validate(json.loads(outcomes["pet"].text), PET)  # type: ignore[attr-defined]
+    assert len(recorders["scored"].logprobs) == len(recorders["scored"].ids) == 16
+    assert [lp.top[0][0] for lp in recorders["scored"].logprobs] == recorders["scored"].ids
+    assert recorders["plain"].logprobs == [] and recorders["plain"].ids == recorders["scored"].ids
 
 
 def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:
