@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.deps import Services
-from app.errors import field_error
+from app.errors import ContextExceeded, field_error
 from app.limits import (
     check_capabilities,
     check_token_ids,
@@ -66,7 +66,7 @@ def admit(
         build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
     except PromptTooLong as exc:
         source = "messages" if body.messages else "prompt" if body.prompt else "prompt_ids"
-        raise field_error(source, str(exc)) from exc
+        raise ContextExceeded(source, str(exc), exc.needed, exc.limit, services.context_window) from exc
     check_queue_room(services, who)
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))

@@ -57,6 +57,21 @@ class Refusal(Exception):
         self.headers = headers
 
 
+class ContextExceeded(Exception):
+    """The prompt does not fit the context even with older history trimmed away: the system prompt and
+    the newest message alone need `needed` tokens of the `limit` left beside max_new_tokens, in a
+    context of `context` tokens. Families name it as their peers do (OpenAI's `context_length_exceeded`,
+    llama.cpp's `exceed_context_size_error`)."""
+
+    def __init__(self, field: str, message: str, needed: int, limit: int, context: int) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.needed = needed
+        self.limit = limit
+        self.context = context
+
+
 class Family(ABC):
     """How one API family writes every refusal: its envelope, and its own names for the internal
     request's fields (`params`), so a field any family maps onto the internal request is named
@@ -73,6 +88,10 @@ class Family(ABC):
         param = self.param([part for part in error.get("loc", ()) if part != "body"])
         message = f"{param}: {error.get('msg')}" if param else str(error.get("msg"))
         return self.refusal(Refusal(400, message, param=param))
+
+    def context_exceeded(self, exc: ContextExceeded) -> Response:
+        """Bad input naming the field, unless the family has its own name for it."""
+        return self.invalid(field_error(exc.field, exc.message))
 
     def param(self, loc: Sequence[object]) -> str | None:
         """A location in the internal request (or the family's own body) as the family's parameter."""
@@ -95,7 +114,10 @@ class FastAPIFamily(Family):
         return AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
-REFUSED = (RequestValidationError, Refusal, StarletteHTTPException, redis.RedisError, kombu.exceptions.OperationalError)
+REFUSED = (
+    RequestValidationError, Refusal, ContextExceeded, StarletteHTTPException, redis.RedisError,
+    kombu.exceptions.OperationalError,
+)
 
 
 def answer(family: Family, exc: Exception) -> Response:
@@ -105,6 +127,8 @@ def answer(family: Family, exc: Exception) -> Response:
         return family.invalid(exc)
     if isinstance(exc, Refusal):
         return family.refusal(exc)
+    if isinstance(exc, ContextExceeded):
+        return family.context_exceeded(exc)
     if isinstance(exc, StarletteHTTPException):
         return family.refusal(Refusal(exc.status_code, str(exc.detail), headers=exc.headers))
     return family.refusal(Refusal(503, _redis_detail(exc), code="service_unavailable", headers={"Retry-After": "5"}))

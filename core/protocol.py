@@ -156,6 +156,11 @@ class GenerateRequest(BaseModel):
     def constrained(self) -> bool:
         return self.json_schema is not None or self.grammar is not None
 
+    @property
+    def prefilled(self) -> bool:
+        """The messages end with the assistant's answer begun: the model goes on with it."""
+        return bool(self.messages) and self.messages[-1].role == Role.assistant  # type: ignore[index]
+
     def conversation(self) -> list[ChatMessage]:
         """The request as messages, whichever way it was given (none for token ids)."""
         if self.messages is not None:
@@ -225,7 +230,9 @@ def sampling_defaults(settings: Settings) -> dict[str, float | int]:
 
 
 def _check_roles(messages: list[ChatMessage], has_system_prompt: bool) -> None:
-    """An optional system message first, then user and assistant turns alternating, ending with the user."""
+    """An optional system message first, then user and assistant turns alternating, ending with the user, or
+    with the assistant's answer begun, which the model goes on with (a prefill, as llama.cpp's and
+    Anthropic's APIs take it)."""
     turns = messages
     if turns[0].role == Role.system:
         if has_system_prompt:
@@ -240,8 +247,6 @@ def _check_roles(messages: list[ChatMessage], has_system_prompt: bool) -> None:
                 f"'messages' roles must alternate user/assistant after an optional system message: "
                 f"turn {i + 1} is '{message.role}', expected '{expected}'"
             )
-    if turns[-1].role != Role.user:
-        raise ValueError("'messages' must end with a user message")
 
 
 class GenerateAccepted(BaseModel):

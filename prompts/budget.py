@@ -1,4 +1,5 @@
-"""Fitting a conversation into the context: the oldest turns go first, the system prompt and the question never."""
+"""Fitting a conversation into the context: the oldest turns go first, the system prompt and the question
+(with the answer begun, if any) never."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,12 +43,13 @@ def build_prompt(formatter: ChatFormatter, request: GenerateRequest, default_sys
             raise PromptTooLong(len(ids), budget)
         return Prompt(ids, 0)
     system, turns = _split_system(request, default_system_prompt)
-    history, newest = turns[:-1], turns[-1]
+    kept = 2 if request.prefilled else 1  # the question, and the answer begun
+    history, newest = turns[:-kept], turns[-kept:]
     pair_chars = [len(history[i].content) + len(history[i + 1].content) for i in range(0, len(history) - 1, 2)]
-    fixed_chars = len(system or "") + len(newest.content)
+    fixed_chars = len(system or "") + sum(len(message.content) for message in newest)
 
     def encode(dropped: int) -> list[int]:
-        return formatter.encode(system, [*history[2 * dropped :], newest])
+        return formatter.encode(system, [*history[2 * dropped :], *newest])
 
     return _fit(encode, pair_chars, fixed_chars, budget)
 

@@ -16,7 +16,9 @@ class ChatFormatter(Protocol):
     reserved_text: tuple[str, ...]
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
-        """Prompt ids for user/assistant turns that alternate and end with the user; the system prompt comes apart."""
+        """Prompt ids for user/assistant turns that alternate and end with the user (the assistant's turn opened
+        after it), or with the assistant (its answer begun: the prompt ends inside it, for the model to go
+        on); the system prompt comes apart."""
         ...
 
     def encode_raw(self, text: str) -> list[int]:

@@ -12,7 +12,8 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 class Llama2Formatter:
-    """`[BOS][INST] user [/INST] answer [EOS]` per past pair, then `[BOS][INST] user [/INST]`.
+    """`[BOS][INST] user [/INST] answer [EOS]` per past pair, then `[BOS][INST] user [/INST]` (and the answer
+    begun, if the messages end with one).
 
     BOS and EOS are inserted as ids and everything else is encoded as text, so a message that
     contains `</s>` stays text rather than closing a turn. The tags are text to the tokenizer
@@ -43,11 +44,12 @@ class Llama2Formatter:
 
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         contents = _fold_system(system, [message.content for message in messages])
+        begun = contents.pop() if len(contents) % 2 == 0 else None  # the answer the model goes on with
         ids: list[int] = []
         for user, answer in zip(contents[::2], contents[1::2]):
             turn = f"{B_INST} {user.strip()} {E_INST} {answer.strip()} "
             ids += [self._bos_id, *encode_text(self._tokenizer, turn), self._eos_id]
-        last = f"{B_INST} {contents[-1].strip()} {E_INST}"
+        last = f"{B_INST} {contents[-1].strip()} {E_INST}" + ("" if begun is None else f" {begun.strip()}")
         return ids + [self._bos_id, *encode_text(self._tokenizer, last)]
 
 

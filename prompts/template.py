@@ -37,7 +37,8 @@ _TOKEN_VARIABLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_tok
 
 
 class TemplateFormatter:
-    """Messages through the model's chat template, ending with the assistant's generation prompt.
+    """Messages through the model's chat template, ending with the assistant's generation prompt (or inside the
+    answer begun, when the messages end with one).
 
     Its structure is control tokens, inserted as ids, and their text in a content stays text, so
     no content needs refusing: `reserved_text` is empty.
@@ -75,13 +76,16 @@ class TemplateFormatter:
     def encode(self, system: str | None, messages: list[ChatMessage]) -> list[int]:
         chat = [ChatMessage(role=Role.system, content=system)] if system is not None else []
         chat += messages
+        begun = chat[-1].role == Role.assistant
         rendered = self._template.render(
             messages=[{"role": message.role.value, "content": _placeholder(i)} for i, message in enumerate(chat)],
             tools=None,
             documents=None,
-            add_generation_prompt=True,
+            add_generation_prompt=not begun,
             **self._variables,
         )
+        if begun:  # the prompt ends inside the answer begun, as transformers' continue_final_message cuts it
+            rendered = rendered[: list(_PLACEHOLDER.finditer(rendered))[-1].end()]
         contents = [message.content for message in chat]
         ids: list[int] = []
         cursor = 0

@@ -138,3 +138,17 @@ def test_apply_template_shows_the_prompt_a_chat_gives(client: httpx.Client) -> N
                       "<|im_start|>assistant\n")
     refused = client.post("/apply-template", json={"messages": [{"role": "assistant", "content": "x"}]})
     assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("messages")
+
+
+def test_a_prompt_the_context_cannot_hold_is_llamas_exceed_context_size_error(api_url: str) -> None:
+    """Older history is trimmed to fit; a newest message too long even alone is refused as llama-server does."""
+    props = httpx.get(f"{api_url}/props", timeout=30).json()
+    for path, body in (
+        ("/completion", {"prompt": "lighthouse " * 9000}),
+        ("/apply-template", {"messages": [{"role": "user", "content": "lighthouse " * 9000}]}),
+    ):
+        response = httpx.post(f"{api_url}{path}", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "exceed_context_size_error" and error["n_ctx"] == props["n_ctx"]
+        assert error["n_prompt_tokens"] > error["n_ctx"] // 2

@@ -91,6 +91,39 @@ def test_refusals_are_400s_naming_the_parameter(sdk: openai.OpenAI, extra: dict,
     assert caught.value.status_code == 400 and caught.value.param == param, caught.value.body
 
 
+def test_a_prompt_the_context_cannot_hold_is_context_length_exceeded(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "lighthouse " * 9000}])
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.create(model=MODEL, input="lighthouse " * 9000)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "input"
+
+
+def test_an_answer_begun_is_gone_on_with(sdk: openai.OpenAI, client: httpx.Client) -> None:
+    """A last assistant message is the answer's start (llama-server's prefill, vLLM's continue_final_message):
+    the model goes on from it, and the answer is what it adds."""
+    begun = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "The capital of France is"}]
+    answer = sdk.chat.completions.create(model=MODEL, messages=begun, temperature=0, max_tokens=8)
+    text = answer.choices[0].message.content or ""
+    assert "Paris" in text and not text.startswith("The capital"), text
+    same = sdk.chat.completions.create(
+        model=MODEL, messages=begun, temperature=0, max_tokens=8,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert same.choices[0].message.content == text
+    ours, _ = poll_until_finished(client, submit(client, messages=begun, temperature=0, max_new_tokens=8))
+    assert ours.text == text
+    for extra, messages in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, begun),
+        ({"continue_final_message": True}, begun[:1]),
+        ({"add_generation_prompt": True}, begun),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
+        assert "continue_final_message" in str(refused.value) or "add_generation_prompt" in str(refused.value)
+
+
 def test_unknown_fields_are_ignored(sdk: openai.OpenAI) -> None:
     answer = sdk.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={"some_extra": 1},

@@ -58,9 +58,13 @@ def hf_tokenizer(tokenizer_dir: Path) -> Any:
 
 
 def hf_ids(hf_tokenizer: Any, system: str | None, messages: list[ChatMessage], **options: Any) -> list[int]:
-    """transformers' ids for the conversation; `options` go to apply_chat_template (say, a `chat_template`)."""
+    """transformers' ids for the conversation; `options` go to apply_chat_template (say, a `chat_template`);
+    one that ends with the assistant goes on with its answer (transformers' continue_final_message)."""
     conversation = [{"role": m.role.value, "content": m.content} for m in chat(system=system) + messages]
-    ids = hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, **options)
+    begun = messages[-1].role == Role.assistant
+    ids = hf_tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=not begun, continue_final_message=begun, tokenize=True, **options
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -108,6 +112,8 @@ def test_llama2_bos_opens_every_turn_and_eos_closes_only_answered_ones(llama2: C
         (None, ("Hello there",)),
         ("You are terse.", ("Hi", "Hello! How can I help?", "What is 2+2?")),
         ("  padded system \n", (" leading", "tab\tand newline\n", "émoji 🎉, 中文, and digits 12345")),
+        ("You are terse.", ("What is 2+2?", "The answer is")),  # an answer begun, to go on with
+        (None, ("Hi", "Hello!", "Name a colour.", '{"colour": "')),
     ],
 )
 def test_template_matches_transformers(
@@ -272,6 +278,18 @@ def test_trimming_counts_tokens_not_turns(template: ChatFormatter, hf_tokenizer:
     text = hf_tokenizer.decode(prompt.input_ids)
     assert prompt.dropped_turns == 1 and len(prompt.input_ids) <= budget
     assert "You are kind." in text and "q2" in text and "newest question" in text and "everything" not in text
+
+
+def test_llama2_goes_on_with_an_answer_begun(llama2: ChatFormatter) -> None:
+    asked = llama2.encode(None, chat("Hi"))
+    assert llama2.encode(None, chat("Hi", " Hello! ")) == asked + [38699, 17]  # " Hello", "!": stripped, no EOS
+
+
+def test_an_answer_begun_is_kept_with_its_question(template: ChatFormatter) -> None:
+    turns = ("q1", "a1", "q2", "a2", "newest", "The answer begun")
+    minimal = template.encode("sys", chat(*turns[-2:]))
+    prompt = build_prompt(template, request(*turns), "sys", budget=len(minimal))
+    assert (prompt.input_ids, prompt.dropped_turns) == (minimal, 2)
 
 
 def test_system_prompt_and_newest_message_are_never_dropped(llama2: ChatFormatter) -> None:

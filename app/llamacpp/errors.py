@@ -8,8 +8,8 @@ requests (validation, API key, limits, Redis away) in this envelope.
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app.errors import AsciiJSONResponse, Family, Refusal, family_route
-from app.llamacpp.protocol import ErrorDetail, ErrorResponse
+from app.errors import AsciiJSONResponse, ContextExceeded, Family, Refusal, family_route
+from app.llamacpp.protocol import ContextErrorDetail, ErrorDetail, ErrorResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}
 
@@ -34,6 +34,14 @@ class LlamaCppFamily(Family):
             where = self.param([part for part in error.get("loc", ()) if part != "body"])
             parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
         return envelope(400, "; ".join(parts))
+
+    def context_exceeded(self, exc: ContextExceeded) -> Response:
+        """llama-server's own: its type, the prompt's tokens and the context's size."""
+        detail = ContextErrorDetail(
+            code=400, message=f"{self.param([exc.field])}: {exc.message}", type="exceed_context_size_error",
+            n_prompt_tokens=exc.needed, n_ctx=exc.context,
+        )
+        return AsciiJSONResponse(status_code=400, content={"error": detail.model_dump()})
 
 
 LlamaCppRoute = family_route(LlamaCppFamily())

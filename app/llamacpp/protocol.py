@@ -167,5 +167,12 @@ class ErrorDetail(BaseModel):
     type: str
 
 
+class ContextErrorDetail(ErrorDetail):
+    """A prompt the context cannot hold, as llama-server reports one."""
+
+    n_prompt_tokens: int
+    n_ctx: int
+
+
 class ErrorResponse(BaseModel):
     error: ErrorDetail

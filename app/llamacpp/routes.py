@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from app.admission import admit_all, internal_request
 from app.deps import Services, ServicesDep
-from app.errors import Refusal
+from app.errors import ContextExceeded, Refusal
 from app.limits import check_prompt_chars
 from app.llamacpp.errors import LlamaCppRoute
 from app.llamacpp.protocol import (
@@ -119,7 +119,7 @@ def _rendered(internal: GenerateRequest, services: Services) -> str:
         prompt = build_prompt(services.formatter, internal, services.settings.default_system_prompt,
                               services.context_window)
     except PromptTooLong as exc:
-        raise Refusal(400, f"messages: {exc}") from exc
+        raise ContextExceeded("messages", str(exc), exc.needed, exc.limit, services.context_window) from exc
     return services.tokenizer.decode(prompt.input_ids, skip_special_tokens=False)
 
 

@@ -7,7 +7,7 @@ another (`max_output_tokens`, `instructions`, `input`, `text.format`): each is a
 
 from fastapi.responses import Response
 
-from app.errors import AsciiJSONResponse, Family, Refusal
+from app.errors import AsciiJSONResponse, ContextExceeded, Family, Refusal
 from app.openai.protocol import ErrorDetail, ErrorResponse
 
 TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -33,6 +33,11 @@ class OpenAIFamily(Family):
         return AsciiJSONResponse(
             status_code=refused.status, content=ErrorResponse(error=detail).model_dump(), headers=refused.headers
         )
+
+    def context_exceeded(self, exc: ContextExceeded) -> Response:
+        """OpenAI's code for it, which clients (LangChain among them) look for."""
+        param = self.param([exc.field])
+        return self.refusal(Refusal(400, f"{param}: {exc.message}", param=param, code="context_length_exceeded"))
 
 
 # The internal request's field names, as OpenAI's parameters call them.

@@ -194,6 +194,22 @@ class ChatCompletionRequest(Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = Field(None, description="Default: auto with tools, none without.")
     parallel_tool_calls: bool = True
+    # Messages ending with the assistant's answer begun go on with it (llama-server's prefill); vLLM's and
+    # transformers' explicit names for that are accepted as they mean it.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continue_an_answer(self) -> "ChatCompletionRequest":
+        ends_with_answer = self.messages[-1].role == "assistant"
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.continue_final_message and not ends_with_answer:
+            raise ValueError("continue_final_message needs messages that end with an assistant message")
+        if ends_with_answer and self.add_generation_prompt:
+            raise ValueError("messages that end with an assistant message go on with it: add_generation_prompt "
+                             "cannot open another answer")
+        return self
 
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
         """How the answer may call tools: not at all, as the model chooses, or it must (any, or the one named)."""
