@@ -11,6 +11,7 @@ import logging
 import secrets
 import uuid
 
+import anyio
 from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +33,7 @@ from core.heartbeats import Heartbeats
 from core.protocol import GenerateRequest
 from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
-from prompts import ChatFormatter, PromptTooLong, build_prompt
+from prompts import ChatFormatter, Prompt, PromptTooLong, build_prompt
 from core.queue import BACKGROUND, INTERACTIVE, sender
 from core.tenants import Tenant, tenant
 
@@ -58,15 +59,7 @@ def admit(
         raise field_error(
             "max_new_tokens", f"must be at most {settings.max_new_tokens_limit} on this server", "less_than_equal"
         )
-    check_message_count(body, settings.max_messages)
-    check_prompt_chars(body, settings.max_prompt_chars)
-    check_reserved_text(body, services.formatter)
-    check_token_ids(body, services.tokenizer.get_vocab_size(with_added_tokens=True))
-    try:
-        build_prompt(services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens)
-    except PromptTooLong as exc:
-        source = "messages" if body.messages else "prompt" if body.prompt else "prompt_ids"
-        raise ContextExceeded(source, str(exc), exc.needed, exc.limit, services.context_window) from exc
+    prompt_of(body, services, max_new_tokens)
     check_queue_room(services, who)
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))
@@ -87,6 +80,36 @@ async def admit_all(
             services.store.request_cancel(task_id)
         raise
     return task_ids
+
+
+# Tokenizing is CPU work in the API process: a few at a time, on threads of their own, so that a
+# burst of large texts waits its turn instead of taking every thread the other routes run on.
+TOKENIZING = anyio.CapacityLimiter(2)
+
+
+def prompt_of(body: GenerateRequest, services: Services, max_new_tokens: int) -> Prompt:
+    """The prompt a worker will give the model (older turns dropped to leave room for the answer), or the
+    refusal that says why there is none."""
+    settings = services.settings
+    check_message_count(body, settings.max_messages)
+    check_prompt_chars(body, settings.max_prompt_chars)
+    check_reserved_text(body, services.formatter)
+    check_token_ids(body, services.tokenizer.get_vocab_size(with_added_tokens=True))
+    try:
+        return build_prompt(
+            services.formatter, body, settings.default_system_prompt, services.context_window - max_new_tokens
+        )
+    except PromptTooLong as exc:
+        source = "messages" if body.messages else "prompt" if body.prompt else "prompt_ids"
+        raise ContextExceeded(source, str(exc), exc.needed, exc.limit, services.context_window) from exc
+
+
+async def input_tokens(body: GenerateRequest, services: Services) -> int:
+    """How many tokens the request's prompt takes, as admitting it would build it (without queueing it)."""
+    body = body.with_defaults(services.settings)
+    max_new_tokens = body.max_new_tokens or services.settings.default_max_new_tokens
+    prompt = await anyio.to_thread.run_sync(prompt_of, body, services, max_new_tokens, limiter=TOKENIZING)
+    return len(prompt.input_ids)
 
 
 def _seeded(body: GenerateRequest) -> GenerateRequest:

@@ -104,7 +104,7 @@ UNAUTHORIZED: dict[int | str, dict[str, object]] = {
 
 # OpenAI's routes that llama.cpp's server also answers without the /v1 prefix.
 UNPREFIXED = [("/models", ["GET"]), ("/models/{model_id:path}", ["GET"]), ("/chat/completions", ["POST"]),
-              ("/completions", ["POST"])]
+              ("/chat/completions/input_tokens", ["POST"]), ("/completions", ["POST"])]
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,6 +1,7 @@
 """OpenAI's API on the durable queue, driven by the official `openai` package against the real stack."""
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,10 +119,27 @@ def test_an_answer_begun_is_gone_on_with(sdk: openai.OpenAI, client: httpx.Clien
         ({"continue_final_message": True, "add_generation_prompt": True}, begun),
         ({"continue_final_message": True}, begun[:1]),
         ({"add_generation_prompt": True}, begun),
+        ({}, [*begun, {"role": "assistant", "content": " Paris"}]),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
-        assert "continue_final_message" in str(refused.value) or "add_generation_prompt" in str(refused.value)
+        assert re.search("continue_final_message|add_generation_prompt|2 or more assistant", str(refused.value))
+
+
+def test_input_tokens_count_the_prompt_as_the_answer_does(sdk: openai.OpenAI, api_url: str) -> None:
+    messages = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+    answer = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert answer.usage is not None
+    for path in ("/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"):
+        counted = httpx.post(f"{api_url}{path}", json={"messages": messages}, timeout=30)
+        assert counted.status_code == 200, counted.text
+        assert counted.json() == {"object": "response.input_tokens", "input_tokens": answer.usage.prompt_tokens}
+    response = sdk.responses.create(model=MODEL, instructions="Book", input="What is the best book", max_output_tokens=16)
+    count = sdk.responses.input_tokens.count(model=MODEL, instructions="Book", input="What is the best book")
+    assert response.usage is not None and count.input_tokens == response.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.input_tokens.count(model=MODEL, input="lighthouse " * 9000)
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_unknown_fields_are_ignored(sdk: openai.OpenAI) -> None:

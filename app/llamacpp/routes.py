@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from tokenizers import Tokenizer
 
-from app.admission import admit_all, internal_request
+from app.admission import TOKENIZING, admit_all, internal_request
 from app.deps import Services, ServicesDep
 from app.errors import ContextExceeded, Refusal
 from app.limits import check_prompt_chars
@@ -70,11 +70,6 @@ async def completion(body: CompletionRequest, request: Request, services: Servic
             result.completion_probabilities = _probabilities(scored, services.tokenizer)
         answers.append(_fields(result.model_dump(exclude_none=True), body.response_fields))
     return JSONResponse(answers if len(answers) > 1 else answers[0], headers=headers)
-
-
-# Tokenizing is CPU work in the API process: a few at a time, on threads of their own, so that a
-# burst of large texts waits its turn instead of taking every thread the other routes run on.
-TOKENIZING = anyio.CapacityLimiter(2)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

@@ -352,6 +352,13 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class InputTokens(BaseModel):
+    """How many tokens a request's prompt takes (OpenAI's Responses input-token count; llama-server's for chats)."""
+
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -13,12 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from app.admission import admit_all, internal_request
+from app.admission import admit_all, input_tokens, internal_request
 from app.deps import Services, ServicesDep
 from app.llamacpp.protocol import Timings
 from app.openai import convert
 from app.openai.errors import OpenAIError
 from app.openai.protocol import (
+    InputTokens,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -127,6 +128,15 @@ async def chat_completions(
         usage=convert.usage(views, len(views)),
     )
     return JSONResponse(answer.model_dump(), headers=headers)
+
+
+@router.post("/chat/completions/input_tokens", response_model=InputTokens)
+async def chat_input_tokens(body: ChatCompletionRequest, services: ServicesDep) -> InputTokens:
+    """The tokens the chat's prompt takes, as llama-server counts them; nothing is queued."""
+    body.model = convert.model_named(body.model, served_models(services), services.settings.any_model_name)
+    convert.check_chat(body)
+    internal = internal_request(convert.chat_request(body, services.settings.default_system_prompt))
+    return InputTokens(input_tokens=await input_tokens(internal, services))
 
 
 @router.post("/completions", response_model=Completion)

@@ -10,6 +10,7 @@ convention) and, for an answer that must call, the schema it is decoded under. R
 
 from typing import Literal
 
+from app.errors import field_error
 from core.constraints import schema_error
 from core.protocol import Role
 from prompts.tools import (
@@ -54,8 +55,11 @@ def tool_fields(
     turns: list[Turn], functions: list[Function], mode: Mode, parallel: bool, default_system_prompt: str
 ) -> dict[str, object]:
     """The internal request's `messages` (turns of one role in a row, such as parallel calls' results,
-    joined), with the functions offered in the system prompt, and the answer's `json_schema` when it
+    joined, but for the answer begun at the end, which is one message), with the functions offered in the system prompt, and the answer's `json_schema` when it
     must call one."""
+    if len(turns) > 1 and turns[-1]["role"] == turns[-2]["role"] == Role.assistant:
+        # Only the last message can be the answer begun (llama-server refuses the same).
+        raise field_error("messages", "cannot have 2 or more assistant messages at the end of the list")
     merged: list[Turn] = []
     for turn in turns:
         if merged and merged[-1]["role"] == turn["role"] != Role.system:

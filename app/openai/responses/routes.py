@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response as HTTPResponse
 from fastapi.sse import ServerSentEvent
 
-from app.admission import admit, internal_request
+from app.admission import admit, input_tokens, internal_request
 from app.deps import Services, ServicesDep
 from app.errors import family_route
 from app.openai.errors import RESPONSES, OpenAIError
@@ -30,6 +30,7 @@ from app.openai.responses.protocol import (
     ResponseSettings,
 )
 from app.openai.convert import model_named
+from app.openai.protocol import InputTokens
 from app.openai.routes import served_models
 from app.security import CallerTag, visible_task_id
 from app.sse import sse_response
@@ -90,6 +91,15 @@ async def create_response(
     if not await until_ended(services, task_id, request.is_disconnected):
         return HTTPResponse(status_code=CLIENT_GONE)
     return JSONResponse((await _current(services, task_id, settings)).model_dump(), headers=headers)
+
+
+@router.post("/responses/input_tokens", response_model=InputTokens)
+async def count_input_tokens(body: ResponseCreateRequest, services: ServicesDep) -> InputTokens:
+    """The tokens the response's input takes (instructions and tools included); nothing is queued."""
+    body.model = model_named(body.model, served_models(services), services.settings.any_model_name)
+    convert.check_supported(body)
+    internal = internal_request(convert.internal_fields(body, services.settings.default_system_prompt))
+    return InputTokens(input_tokens=await input_tokens(internal, services))
 
 
 @router.get("/responses/{response_id}", response_model=Response)
