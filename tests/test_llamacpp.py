@@ -152,3 +152,14 @@ def test_a_prompt_the_context_cannot_hold_is_llamas_exceed_context_size_error(ap
         error = response.json()["error"]
         assert error["type"] == "exceed_context_size_error" and error["n_ctx"] == props["n_ctx"]
         assert error["n_prompt_tokens"] > error["n_ctx"] // 2
+
+
+def test_a_json_prompt_is_its_text_and_images_are_refused(client: httpx.Client) -> None:
+    """llama-server's JSON prompt object; this server's models have no multimodal projector."""
+    plain = client.post("/completion", json={"prompt": PROMPT, "n_predict": 6, "temperature": 0}).json()
+    as_json = client.post("/completion", json={"prompt": {"prompt_string": PROMPT}, "n_predict": 6, "temperature": 0})
+    assert as_json.status_code == 200 and as_json.json()["content"] == plain["content"]
+    assert plain["has_new_line"] == ("\n" in plain["content"])
+    image = {"prompt_string": "What is this? <__media__>", "multimodal_data": ["iVBORw0KGgo="]}
+    refused = client.post("/completion", json={"prompt": image, "n_predict": 4})
+    assert refused.status_code == 400 and "multimodal_data" in refused.json()["error"]["message"]

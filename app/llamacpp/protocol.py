@@ -7,7 +7,7 @@ llama.cpp ignores them.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.protocol import MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, TaskView, Text
 
@@ -44,6 +44,15 @@ class CompletionRequest(BaseModel):
     cache_prompt: bool = True
     id_slot: int = -1
     slot_id: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_of_json_prompts(cls, prompt: Any) -> Any:
+        """llama-server's JSON prompt, `{"prompt_string": ..., "multimodal_data": [...]}` (alone or in a batch),
+        is its text: this server's models take no images or audio."""
+        if isinstance(prompt, list):
+            return [_json_prompt_text(part) for part in prompt]
+        return _json_prompt_text(prompt)
 
 
 class Timings(BaseModel):
@@ -105,6 +114,7 @@ class CompletionResult(BaseModel):
     tokens_evaluated: int
     tokens_cached: int = 0
     truncated: bool = False
+    has_new_line: bool = False
     generation_settings: dict[str, Any]
     model: str
     prompt: str | list[int | str]  # as given
@@ -165,6 +175,16 @@ class ErrorDetail(BaseModel):
     code: int
     message: str
     type: str
+
+
+def _json_prompt_text(prompt: Any) -> Any:
+    if not isinstance(prompt, dict):
+        return prompt
+    if prompt.get("multimodal_data"):
+        raise ValueError("multimodal_data: this server's model takes no images or audio")
+    if not isinstance(prompt.get("prompt_string"), str):
+        raise ValueError("a JSON prompt needs 'prompt_string', a string")
+    return prompt["prompt_string"]
 
 
 class ContextErrorDetail(ErrorDetail):

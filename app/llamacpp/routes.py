@@ -219,10 +219,12 @@ def _result(
     content: str | None = None,
 ) -> CompletionResult:
     stop_type = STOP_TYPES.get(view.finish_reason or "", "none")
+    text = view.text if content is None else content
     requested = {"n_predict": body.n_predict, "temperature": body.temperature, "top_k": body.top_k,
                  "top_p": body.top_p, "repeat_penalty": body.repeat_penalty, "seed": body.seed, "stop": body.stop}
     return CompletionResult(
-        content=view.text if content is None else content,
+        content=text,
+        has_new_line="\n" in text,
         stop_type=stop_type,  # type: ignore[arg-type]
         stopped_eos=stop_type == "eos",
         stopped_limit=stop_type == "limit",
