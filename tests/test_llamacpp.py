@@ -20,7 +20,7 @@ def test_completion_with_n_predict_answers_as_llama_cpp_does(api_url: str, clien
     assert result["stop_type"] == "limit" and result["stopped_limit"] and not result["stopped_eos"]
     assert result["tokens_predicted"] == 16 and result["tokens_evaluated"] > 0 and result["prompt"] == PROMPT
     timings = result["timings"]
-    assert timings["predicted_n"] == 16 and timings["prompt_n"] == result["tokens_evaluated"]
+    assert timings["predicted_n"] == 16 and timings["prompt_n"] + timings["cache_n"] == result["tokens_evaluated"]
     assert timings["predicted_per_second"] > 0 and timings["prompt_ms"] > 0
     assert result["generation_settings"]["n_predict"] == 16
     assert {"id_slot", "slot_id", "tokens_cached", "truncated", "model"} <= result.keys()

@@ -56,6 +56,7 @@ class CompletionRequest(BaseModel):
 
 
 class Timings(BaseModel):
+    cache_n: int = 0  # prompt tokens taken from a cache: this server counts every prompt token as processed
     prompt_n: int
     prompt_ms: float
     prompt_per_token_ms: float
