@@ -19,36 +19,39 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """`max_bytes` for every body but uploads: `uploads` maps an upload route's path to its own limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.uploads.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = Headers(scope=scope).get("content-length")
         received = 0
 
         async def limited() -> Message:
             nonlocal received
-            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
                 await _drain(receive)
-                raise self._too_large()
+                raise _too_large(limit)
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > limit:
                 if message.get("more_body", False):
                     await _drain(receive)
-                raise self._too_large()
+                raise _too_large(limit)
             return message
 
         await self.app(scope, limited, send)
 
-    def _too_large(self) -> HTTPException:
-        return HTTPException(
-            status_code=413, detail=f"the request body is above this server's limit of {self.max_bytes} bytes"
-        )
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(status_code=413, detail=f"the request body is above this server's limit of {limit} bytes")
 
 
 DRAIN_BYTES = 64 * 1024 * 1024

@@ -8,6 +8,7 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
+from core.files import FileStore
 from core.queue import Lanes
 from core.settings import Settings
 from core.store import TaskStore
@@ -22,6 +23,7 @@ class Services:
     redis: redis.Redis
     aredis: redis.asyncio.Redis  # for the stream routes' blocking reads
     store: TaskStore
+    files: FileStore
     lanes: Lanes
     celery: Celery
     formatter: ChatFormatter

@@ -18,11 +18,13 @@ from app import errors, streams
 from app.body_limit import BodyLimit
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
+from app.openai.files.routes import FILES_PATH, upload_limit
 from app.llamacpp import routes as llamacpp
 from app.metrics import CountRejections
 from app.routes import generate, health, metrics, page, tasks
 from app.security import KeyBeforeBody, authenticate
 from core.protocol import ErrorBody
+from core.files import FileStore
 from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
 from core.store import LEASES_KEY, TaskStore
@@ -42,6 +44,7 @@ def build_services() -> Services:
         redis=client,
         aredis=connect_async(settings, longest_block_s=streams.BLOCK_MS / 1000),
         store=TaskStore(client, settings.result_ttl_s, model=model_name(settings)),
+        files=FileStore(client, settings.files_bytes_per_key),
         lanes=Lanes(client, LEASES_KEY),
         celery=make_celery(settings),
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),
@@ -113,7 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Queued Llama chat", lifespan=lifespan, redirect_slashes=False, **hidden)
     errors.install(app, errors.FastAPIFamily())
     app.add_middleware(KeyBeforeBody)  # inside BodyLimit: a keyless body is a 401 before any 413 or 422
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, uploads={FILES_PATH: upload_limit(settings)})
     app.add_middleware(CountRejections)  # outside BodyLimit, so its 413s are counted too
     app.add_middleware(OptionalTrailingSlash)
     if settings.cors_origin_list:

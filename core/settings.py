@@ -157,6 +157,10 @@ class Settings(BaseSettings):
         0.1, gt=0, lt=1, description="Share of free slots that background work gets while interactive work waits."
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
+    file_max_bytes: int = Field(33_554_432, ge=1024, description="Largest file one upload may hold; larger answer 413.")
+    files_bytes_per_key: int = Field(
+        268_435_456, ge=1024, description="Bytes of files one key may keep (all callers together without API_KEYS); more answer 413."
+    )
     max_prompt_chars: int = Field(100_000, ge=1, description="Prompt (or message contents) plus system prompt.")
     max_messages: int = Field(256, ge=1, description="Most messages one request may hold; more answers 422.")
     api_keys: SecretStr = Field(

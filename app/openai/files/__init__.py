@@ -1,0 +1,1 @@
+"""OpenAI's Files API: the files batches read (and, later, write)."""
