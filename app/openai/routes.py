@@ -113,21 +113,27 @@ async def chat_completions(
     views = await _results(services, task_ids, request)
     if views is None:
         return Response(status_code=CLIENT_GONE)
+    answer = await run_in_threadpool(chat_answer, body, task_ids, views, services, created)
+    return JSONResponse(answer.model_dump(), headers=headers)
+
+
+def chat_answer(
+    body: ChatCompletionRequest, task_ids: list[str], views: list[TaskView], services: Services, created: int
+) -> ChatCompletion:
+    """The answer of finished tasks, one a choice, as the route answers it (a batch's lines too)."""
     choices = []
     for i, (task_id, view) in enumerate(zip(task_ids, views)):
         content, calls = convert.answer_of(body, view.text, task_id)
-        logprobs = None
-        if body.logprobs:
-            logprobs = convert.chat_logprobs(await run_in_threadpool(services.store.logprobs, task_id), services.tokenizer)
+        logprobs = convert.chat_logprobs(services.store.logprobs(task_id), services.tokenizer) if body.logprobs else None
         choices.append(ChatChoice(
             index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
             finish_reason=convert.finish_reason(view, calls), logprobs=logprobs,  # type: ignore[arg-type]
         ))
-    answer = ChatCompletion(
-        id=answer_id, created=created, model=body.model, system_fingerprint=fingerprint, choices=choices,
+    return ChatCompletion(
+        id=f"chatcmpl-{task_ids[0]}", created=created, model=body.model,
+        system_fingerprint=convert.fingerprint(services.settings), choices=choices,
         usage=convert.usage(views, len(views)),
     )
-    return JSONResponse(answer.model_dump(), headers=headers)
 
 
 @router.post("/chat/completions/input_tokens", response_model=InputTokens)
@@ -178,16 +184,25 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     views = await _results(services, task_ids, request)
     if views is None:
         return Response(status_code=CLIENT_GONE)
+    whole = await run_in_threadpool(completion_answer, body, task_ids, views, services, created)
+    return JSONResponse(whole.model_dump(), headers=headers)
+
+
+def completion_answer(
+    body: CompletionRequest, task_ids: list[str], views: list[TaskView], services: Services, created: int
+) -> Completion:
+    """The answer of finished tasks, one a choice, as the route answers it (a batch's lines too)."""
     choices = []
     for i, (task_id, view) in enumerate(zip(task_ids, views)):
         logprobs = None
         if body.logprobs is not None:
-            scored = await run_in_threadpool(services.store.logprobs, task_id)
-            logprobs = convert.completion_logprobs(scored, services.tokenizer)
+            logprobs = convert.completion_logprobs(services.store.logprobs(task_id), services.tokenizer)
         choices.append(CompletionChoice(
             index=i, text=view.text, finish_reason=convert.finish_reason(view), logprobs=logprobs,  # type: ignore[arg-type]
         ))
-    return JSONResponse(answer(choices, views).model_dump(), headers=headers)
+    return Completion(id=f"cmpl-{task_ids[0]}", created=created, model=body.model,
+                      system_fingerprint=convert.fingerprint(services.settings), choices=choices,
+                      usage=convert.usage(views, body.n))
 
 
 def _headers(task_ids: list[str]) -> dict[str, str]:
