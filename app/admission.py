@@ -42,12 +42,13 @@ log = logging.getLogger(__name__)
 
 def admit(
     body: GenerateRequest, services: Services, caller: str | None, annotation: str | None = None,
-    background: bool = False,
+    background: bool = False, task_id: str | None = None,
 ) -> str:
     """The new task's id once it is queued; raises the 4xx (or 503) that explains a refusal.
 
     `annotation` is kept with the task for the API family that admitted it (see TaskStore.create).
-    `background` work waits behind interactive work (core.queue).
+    `background` work waits behind interactive work (core.queue). `task_id` is the id to queue it
+    under (a batch line's, the same whoever submits it), for a caller that has checked it is unused.
     """
     settings = services.settings
     who = tenant(settings, caller)
@@ -63,7 +64,7 @@ def admit(
     check_queue_room(services, who)
     request = body.model_dump(mode="json")
     check_kept_bytes(services, who, len(json.dumps(request)) + len(annotation or ""))
-    return _enqueue(request, services, caller, who, annotation, BACKGROUND if background else INTERACTIVE)
+    return _enqueue(request, services, caller, who, annotation, BACKGROUND if background else INTERACTIVE, task_id)
 
 
 async def admit_all(
@@ -146,7 +147,8 @@ def check_reserved_text(body: GenerateRequest, formatter: ChatFormatter) -> None
 
 
 def _enqueue(
-    request: dict, services: Services, caller: str | None, who: Tenant, annotation: str | None, task_class: str
+    request: dict, services: Services, caller: str | None, who: Tenant, annotation: str | None, task_class: str,
+    task_id: str | None = None,
 ) -> str:
     """Record, put in its lane (where the record outlives a long queue), then release what the free
     slots take; a failed enqueue leaves nothing behind.
@@ -154,7 +156,7 @@ def _enqueue(
     With REDIS_MIN_REPLICAS, the task is accepted only once that many replicas hold its record and
     its message, so a failover cannot lose it; else it is cancelled and the answer is a 503.
     """
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     services.store.create(task_id, owner=caller, annotation=annotation)
     try:
         services.lanes.enqueue(task_id, who, task_class, request)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Route
@@ -18,6 +19,7 @@ from app import errors, streams
 from app.body_limit import BodyLimit
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
+from app.openai.batches import driver as batch_driver
 from app.openai.files.routes import FILES_PATH, upload_limit
 from app.llamacpp import routes as llamacpp
 from app.metrics import CountRejections
@@ -82,7 +84,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = build_services()
     for family in app.state.families:
         share_services(family, app.state.services)
-    yield
+    async with anyio.create_task_group() as background:
+        background.start_soon(batch_driver.run, app.state.services)
+        yield
+        background.cancel_scope.cancel()
     await app.state.services.aredis.aclose()
 
 

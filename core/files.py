@@ -24,9 +24,13 @@ BYTES_KEY = "files:bytes"  # per owner, the bytes its files hold
 
 # KEYS: the owners' bytes, record, data, owner's index, the files' sequence. ARGV: size, budget, id, data,
 # owner, then the record's field/value pairs. The index is ordered by the sequence (creation times tie within a
-# second). Returns {1, bytes used after} when stored, {0, bytes used} when it would overrun the budget.
+# second). Returns {1, bytes used after} when stored (or already there: a file the server writes under an
+# id of its own is written once), {0, bytes used} when it would overrun the budget.
 _CREATE_LUA = """
 local used = tonumber(redis.call('HGET', KEYS[1], ARGV[5]) or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {1, used}
+end
 local size = tonumber(ARGV[1])
 if used + size > tonumber(ARGV[2]) then
   return {0, used}
@@ -77,16 +81,20 @@ class FileStore:
         self._create = client.register_script(_CREATE_LUA)
         self._delete = client.register_script(_DELETE_LUA)
 
-    def create(self, owner: str | None, filename: str, purpose: str, data: bytes) -> StoredFile:
-        """Store the file under a new id; raises OverBudget."""
+    def create(
+        self, owner: str | None, filename: str, purpose: str, data: bytes, file_id: str | None = None,
+        budget: int | None = None,
+    ) -> StoredFile:
+        """Store the file under a new id, or under `file_id` unless it is there already (what the server
+        writes, once); raises OverBudget past `budget` (the key's, unless given)."""
         stored = StoredFile(
-            id=FILE_ID_PREFIX + uuid.uuid4().hex, filename=filename, purpose=purpose, bytes=len(data),
+            id=file_id or FILE_ID_PREFIX + uuid.uuid4().hex, filename=filename, purpose=purpose, bytes=len(data),
             created_at=int(time.time()), owner=owner or ANYONE,
         )
         fields = [item for pair in _fields(stored).items() for item in pair]
         ok, used = self._create(
             keys=[BYTES_KEY, _record_key(stored.id), _data_key(stored.id), _index_key(stored.owner), SEQUENCE_KEY],
-            args=[stored.bytes, self._budget, stored.id, data, stored.owner, *fields],
+            args=[stored.bytes, self._budget if budget is None else budget, stored.id, data, stored.owner, *fields],
         )
         if not ok:
             raise OverBudget(int(used), stored.bytes, self._budget)

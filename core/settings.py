@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
     file_max_bytes: int = Field(33_554_432, ge=1024, description="Largest file one upload may hold; larger answer 413.")
+    batch_window_s: int = Field(
+        86_400, ge=1, description="How long a batch's completion_window ('24h') lasts; what is unfinished then expires."
+    )
+    batch_max_in_flight: int = Field(64, ge=1, description="Lines of one batch queued or running at once.")
     files_bytes_per_key: int = Field(
         268_435_456, ge=1024, description="Bytes of files one key may keep (all callers together without API_KEYS); more answer 413."
     )

@@ -270,6 +270,11 @@ class TaskStore:
         pipe.expire(key, min(self.ttl_s, UNSENT_TTL_S))
         pipe.execute()
 
+    def status(self, task_id: str) -> TaskStatus | None:
+        """The task's status alone (a batch counting its lines reads no chunks); None for an unknown task."""
+        value = self.redis.hget(record_key(task_id), "status")
+        return TaskStatus(value.decode()) if value is not None else None
+
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
         value = self.redis.hget(record_key(task_id), "owner")

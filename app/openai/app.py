@@ -7,6 +7,7 @@ from app.deps import Services
 from app.errors import install
 from app.openai import errors
 from app.openai.protocol import ErrorResponse
+from app.openai.batches.routes import router as batches_router
 from app.openai.files.routes import router as files_router
 from app.openai.responses.routes import router as responses_router
 from app.openai.routes import router
@@ -18,7 +19,7 @@ def create_openai_app(docs: bool) -> FastAPI:
     app = FastAPI(title="OpenAI-compatible API", redirect_slashes=False, **hidden)
     install(app, errors.CHAT)
     errors_documented: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401)}
-    for routes in (router, responses_router, files_router):
+    for routes in (router, responses_router, files_router, batches_router):
         app.include_router(routes, dependencies=[Depends(authenticate)], responses=errors_documented)
     return app
 

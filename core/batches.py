@@ -1,0 +1,204 @@
+"""Batches in Redis (OpenAI's Batch API): each batch's record, its lines, and the tasks they became.
+
+Per batch: a hash `batch:{id}` (its object: endpoint, input file, status and its timestamps,
+counts, output and error files, errors, metadata, owner), a list `batch:{id}:lines` of the
+validated lines (custom_id and body, as JSON), and a hash `batch:{id}:tasks` from a line's index
+to its task ids. Per owner, a sorted set `batches:index:{owner}` of ids in creation order. The set
+`batches:active` holds the batches someone must still advance (app.openai.batches.driver).
+
+Every change of status is one script that checks the status it changes from, so two API processes
+advancing the same batch cannot both validate, end or finalize it: whoever moves it first does,
+and the other sees it moved.
+"""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+ANYONE = "*"
+BATCH_ID_PREFIX = "batch_"
+ACTIVE_KEY = "batches:active"
+SEQUENCE_KEY = "batches:sequence"
+
+# OpenAI's statuses, and the timestamp each one sets.
+STAMPS = {
+    "in_progress": "in_progress_at", "finalizing": "finalizing_at", "completed": "completed_at",
+    "failed": "failed_at", "expired": "expired_at", "cancelling": "cancelling_at", "cancelled": "cancelled_at",
+}
+ENDED = ("completed", "failed", "expired", "cancelled")
+
+# KEYS: record. ARGV: the statuses it may move from (comma-separated), the new status, then field/value
+# pairs. Returns 1 when it moved.
+_MOVE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return 0
+end
+local allowed = false
+for from in string.gmatch(ARGV[1], '[^,]+') do
+  if from == status then allowed = true end
+end
+if not allowed then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+return 1
+"""
+
+
+@dataclass
+class Batch:
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    stamps: dict[str, int] = field(default_factory=dict)  # in_progress_at, ... as they happen
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, object]] = field(default_factory=list)
+    ending: str | None = None  # the status finalizing ends in: completed, cancelled or expired
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._move = client.register_script(_MOVE_LUA)
+
+    def create(self, owner: str | None, endpoint: str, input_file_id: str, window_s: int, window: str,
+               metadata: dict[str, str]) -> Batch:
+        now = int(time.time())
+        batch = Batch(
+            id=BATCH_ID_PREFIX + uuid.uuid4().hex, owner=owner or ANYONE, endpoint=endpoint,
+            input_file_id=input_file_id, completion_window=window, status="validating", created_at=now,
+            expires_at=now + window_s, metadata=metadata,
+        )
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(_record_key(batch.id), mapping=_fields(batch))
+        pipe.zadd(_index_key(batch.owner), {batch.id: self._redis.incr(SEQUENCE_KEY)})
+        pipe.sadd(ACTIVE_KEY, batch.id)
+        pipe.execute()
+        return batch
+
+    def get(self, batch_id: str, owner: str | None = ANYONE) -> Batch | None:
+        """The batch, when it exists and `owner` may see it (None: any owner, for the driver)."""
+        if not batch_id.startswith(BATCH_ID_PREFIX):
+            return None
+        record = self._redis.hgetall(_record_key(batch_id))
+        if not record:
+            return None
+        batch = _batch({_text(k): _text(v) for k, v in record.items()})
+        return batch if owner is None or batch.owner == (owner or ANYONE) else None
+
+    def listed(self, owner: str | None) -> list[Batch]:
+        """The owner's batches, oldest first."""
+        ids = [_text(i) for i in self._redis.zrange(_index_key(owner or ANYONE), 0, -1)]
+        return [batch for i in ids if (batch := self.get(i, None)) is not None]
+
+    def active(self) -> list[str]:
+        return sorted(_text(i) for i in self._redis.smembers(ACTIVE_KEY))
+
+    def move(self, batch: Batch, frm: tuple[str, ...], to: str, **fields: object) -> bool:
+        """Move the batch to status `to` from one of `frm` (stamping the time), with `fields`; False when
+        it was not in one of them (someone else moved it first)."""
+        update = {STAMPS[to]: int(time.time())} if to in STAMPS else {}
+        update |= {key: _encode(value) for key, value in fields.items()}
+        pairs = [item for pair in update.items() for item in pair]
+        moved = bool(self._move(keys=[_record_key(batch.id)], args=[",".join(frm), to, *pairs]))
+        if moved and to in ENDED:
+            self._redis.srem(ACTIVE_KEY, batch.id)
+        return moved
+
+    def note_ending(self, batch: Batch, ending: str) -> None:
+        """The status the batch will end in, once what runs has ended (expired: its window has passed)."""
+        self._redis.hset(_record_key(batch.id), "ending", ending)
+
+    def set_counts(self, batch: Batch, completed: int, failed: int) -> None:
+        self._redis.hset(_record_key(batch.id), mapping={"completed": completed, "failed": failed})
+
+    def add_lines(self, batch: Batch, lines: list[dict[str, object]]) -> None:
+        """The validated lines, once (a second call, after a restart mid-way, starts them afresh)."""
+        key = _lines_key(batch.id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        for start in range(0, len(lines), 1000):
+            pipe.rpush(key, *[json.dumps(line) for line in lines[start : start + 1000]])
+        pipe.execute()
+
+    def line(self, batch: Batch, index: int) -> dict[str, object]:
+        return json.loads(self._redis.lindex(_lines_key(batch.id), index))
+
+    def tasks(self, batch: Batch) -> dict[int, list[str]]:
+        """Each submitted line's task ids, by line index."""
+        return {int(k): _text(v).split(",") for k, v in self._redis.hgetall(_tasks_key(batch.id)).items()}
+
+    def note_tasks(self, batch: Batch, index: int, task_ids: list[str]) -> None:
+        self._redis.hset(_tasks_key(batch.id), str(index), ",".join(task_ids))
+
+    def forget_lines(self, batch: Batch) -> None:
+        """Once it has ended, the lines and their task ids are in its files."""
+        self._redis.delete(_lines_key(batch.id), _tasks_key(batch.id))
+
+
+def line_task_ids(batch_id: str, index: int, choices: int) -> list[str]:
+    """A line's task ids, the same whoever submits it: a submission cut short by a restart is found
+    again, and a line never runs twice."""
+    return [str(uuid.uuid5(uuid.NAMESPACE_URL, f"batch/{batch_id}/{index}/{choice}")) for choice in range(choices)]
+
+
+def _record_key(batch_id: str) -> str:
+    return f"batch:{batch_id}"
+
+
+def _lines_key(batch_id: str) -> str:
+    return f"batch:{batch_id}:lines"
+
+
+def _tasks_key(batch_id: str) -> str:
+    return f"batch:{batch_id}:tasks"
+
+
+def _index_key(owner: str) -> str:
+    return f"batches:index:{owner}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode(value: object) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _fields(batch: Batch) -> dict[str, str]:
+    fields = {
+        "id": batch.id, "owner": batch.owner, "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window, "status": batch.status, "created_at": batch.created_at,
+        "expires_at": batch.expires_at, "metadata": batch.metadata, "total": batch.total,
+        "completed": batch.completed, "failed": batch.failed,
+    }
+    return {key: _encode(value) for key, value in fields.items()}
+
+
+def _batch(fields: dict[str, str]) -> Batch:
+    return Batch(
+        id=fields["id"], owner=fields["owner"], endpoint=fields["endpoint"], input_file_id=fields["input_file_id"],
+        completion_window=fields["completion_window"], status=fields["status"],
+        created_at=int(fields["created_at"]), expires_at=int(fields["expires_at"]),
+        metadata=json.loads(fields.get("metadata", "{}")),
+        stamps={stamp: int(fields[stamp]) for stamp in STAMPS.values() if stamp in fields},
+        total=int(fields.get("total", 0)), completed=int(fields.get("completed", 0)),
+        failed=int(fields.get("failed", 0)), output_file_id=fields.get("output_file_id"),
+        error_file_id=fields.get("error_file_id"), errors=json.loads(fields.get("errors", "[]")),
+        ending=fields.get("ending"),
+    )
