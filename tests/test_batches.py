@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from devstack.processes import Stack
 from tests.extra_api import extra_api
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -163,3 +164,41 @@ def test_unknown_input_files_and_endpoints_are_refused(sdk: openai.OpenAI) -> No
         sdk.batches.retrieve("batch_nope")
 
 
+
+
+@pytest.fixture(scope="module")
+def own_stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of its own, whose worker and API this module kills."""
+    running = Stack(tmp_path_factory.mktemp("batch-restarts"), stack_env)
+    running.start_redis()
+    running.start_worker("first")
+    running.start_worker("second")
+    running.start_api()
+    running.wait_healthy()
+    yield running
+    running.down()
+
+
+def test_a_batch_survives_a_killed_worker_and_a_restarted_api(own_stack: Stack) -> None:
+    """Every line answered once, and one output file, though its worker and the API died mid-batch."""
+    client = openai.OpenAI(base_url=f"{own_stack.url}/v1", api_key="unused", max_retries=2)
+    lines = [chat_line(i, max_tokens=24) for i in range(30)]
+    batch_id = start(client, lines)
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    while (client.batches.retrieve(batch_id).request_counts.completed or 0) < 3:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    own_stack.stop_worker("first", kill=True)
+    assert own_stack.api is not None
+    own_stack.api.kill()
+    own_stack.api.wait()
+    own_stack.start_api()
+    own_stack.wait_healthy()
+    batch = until(client, batch_id, ("completed", "failed"))
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (30, 0)
+    output = entries(client, batch.output_file_id)
+    assert sorted(entry["custom_id"] for entry in output) == sorted(line["custom_id"] for line in lines)
+    assert all(entry["response"]["status_code"] == 200 for entry in output)
+    written = [f for f in client.files.list() if f.filename.startswith(batch_id)]
+    assert [f.id for f in written] == [batch.output_file_id]
