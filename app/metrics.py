@@ -2,7 +2,8 @@
 
 Counters and histograms come from the hash every worker and API process adds to (`core.metrics`);
 the gauges are read from Redis at scrape time: the queue's length, the leases held (tasks
-running), the workers whose heartbeat is fresh, and each key's tasks waiting and running. The API also counts each refusal it answers
+running), the workers whose heartbeat is fresh, each key's tasks waiting and running, and the
+batches in each status. The API also counts each refusal it answers
 (`CountRejections`), whichever family's envelope it went out in.
 """
 
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.deps import Services
 from app.security import key_name
 from core import metrics
+from core.batches import BatchStore
 from core.heartbeats import Heartbeats
 from core.store import LEASES_KEY
 from model_loader.source import model_name
@@ -26,6 +28,7 @@ COUNTER_LABELS = {
     metrics.FINISHED: ["model", "status", "finish_reason"],
     metrics.REJECTED: ["model", "key", "code"],
     metrics.ADMITTED: ["model", "key"],
+    metrics.BATCH_LINES: ["model", "outcome"],
 }
 
 
@@ -60,6 +63,10 @@ class FleetCollector:
             gauge.add_metric([self.model], value)
             yield gauge
         yield from self._by_key()
+        batches = GaugeMetricFamily(f"{metrics.PREFIX}batches", "Batches in each status.", labels=["model", "status"])
+        for status, count in sorted(BatchStore(self.services.redis).by_status().items()):
+            batches.add_metric([self.model, status], count)
+        yield batches
 
     def _by_key(self) -> Iterator[Metric]:
         """Each key's tasks waiting and running, by the name the operator gave it (never the key)."""

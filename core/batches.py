@@ -21,6 +21,7 @@ import redis
 ANYONE = "*"
 BATCH_ID_PREFIX = "batch_"
 ACTIVE_KEY = "batches:active"
+BY_STATUS_KEY = "batches:by_status"  # how many batches are in each status, for /metrics
 SEQUENCE_KEY = "batches:sequence"
 
 # OpenAI's statuses, and the timestamp each one sets.
@@ -30,8 +31,8 @@ STAMPS = {
 }
 ENDED = ("completed", "failed", "expired", "cancelled")
 
-# KEYS: record. ARGV: the statuses it may move from (comma-separated), the new status, then field/value
-# pairs. Returns 1 when it moved.
+# KEYS: record, the batches by status. ARGV: the statuses it may move from (comma-separated), the new status,
+# then field/value pairs. Returns 1 when it moved.
 _MOVE_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
@@ -45,6 +46,8 @@ if not allowed then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+redis.call('HINCRBY', KEYS[2], status, -1)
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
 """
 
@@ -87,6 +90,7 @@ class BatchStore:
         pipe.hset(_record_key(batch.id), mapping=_fields(batch))
         pipe.zadd(_index_key(batch.owner), {batch.id: self._redis.incr(SEQUENCE_KEY)})
         pipe.sadd(ACTIVE_KEY, batch.id)
+        pipe.hincrby(BY_STATUS_KEY, batch.status, 1)
         pipe.execute()
         return batch
 
@@ -105,6 +109,9 @@ class BatchStore:
         ids = [_text(i) for i in self._redis.zrange(_index_key(owner or ANYONE), 0, -1)]
         return [batch for i in ids if (batch := self.get(i, None)) is not None]
 
+    def by_status(self) -> dict[str, int]:
+        return {_text(k): int(v) for k, v in self._redis.hgetall(BY_STATUS_KEY).items()}
+
     def active(self) -> list[str]:
         return sorted(_text(i) for i in self._redis.smembers(ACTIVE_KEY))
 
@@ -114,7 +121,7 @@ class BatchStore:
         update = {STAMPS[to]: int(time.time())} if to in STAMPS else {}
         update |= {key: _encode(value) for key, value in fields.items()}
         pairs = [item for pair in update.items() for item in pair]
-        moved = bool(self._move(keys=[_record_key(batch.id)], args=[",".join(frm), to, *pairs]))
+        moved = bool(self._move(keys=[_record_key(batch.id), BY_STATUS_KEY], args=[",".join(frm), to, *pairs]))
         if moved and to in ENDED:
             self._redis.srem(ACTIVE_KEY, batch.id)
         return moved

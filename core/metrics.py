@@ -56,6 +56,7 @@ GENERATION_TOKENS = f"{PREFIX}generation_tokens_total"
 TAKEOVERS = f"{PREFIX}request_takeovers_total"
 REJECTED = f"{PREFIX}request_rejected_total"
 ADMITTED = f"{PREFIX}request_admitted_total"
+BATCH_LINES = f"{PREFIX}batch_lines_total"
 COUNTERS = {
     FINISHED: "Tasks that ended, by status and finish_reason ('none' for a failed task).",
     PROMPT_TOKENS: "Prompt tokens of the tasks that ended with a result.",
@@ -63,6 +64,7 @@ COUNTERS = {
     TAKEOVERS: "Attempts after a task's first: a worker died, froze or stopped, and another went on.",
     REJECTED: "Requests refused, by key name and HTTP status (400 and 422 bad input, 413 too large, 429 a limit).",
     ADMITTED: "Tasks admitted to the queue, by key name.",
+    BATCH_LINES: "Lines of batches that ended, by outcome (completed; failed: refused, failed, cancelled or expired).",
 }
 
 
@@ -104,6 +106,10 @@ def rejected(model: str, key: str, status: int) -> str:
 
 def admitted(model: str, key: str) -> str:
     return field(ADMITTED, model=model, key=key)
+
+
+def batch_lines(model: str, outcome: str) -> str:
+    return field(BATCH_LINES, model=model, outcome=outcome)
 
 
 def _bound(bound: float) -> str:

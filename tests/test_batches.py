@@ -202,3 +202,20 @@ def test_a_batch_survives_a_killed_worker_and_a_restarted_api(own_stack: Stack) 
     assert all(entry["response"]["status_code"] == 200 for entry in output)
     written = [f for f in client.files.list() if f.filename.startswith(batch_id)]
     assert [f.id for f in written] == [batch.output_file_id]
+
+
+def test_metrics_count_batches_by_status_and_their_lines(sdk: openai.OpenAI, api_url: str) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[tuple[str, str], float]:
+        families = text_string_to_metric_families(httpx.get(f"{api_url}/metrics", timeout=30).text)
+        return {(s.name, s.labels.get("status") or s.labels.get("outcome", "")): s.value
+                for f in families for s in f.samples if "batch" in s.name}
+
+    before = samples()
+    until(sdk, start(sdk, [chat_line(0), chat_line(1)]), ("completed",))
+    after = samples()
+    assert after[("queued_llama_batches", "completed")] == before.get(("queued_llama_batches", "completed"), 0) + 1
+    lines = ("queued_llama_batch_lines_total", "completed")
+    assert after[lines] == before.get(lines, 0) + 2

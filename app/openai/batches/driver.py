@@ -29,9 +29,11 @@ from app.admission import admit
 from app.deps import Services
 from app.openai.batches.doors import DOORS, Door, is_refusal, refusal
 from app.openai.batches.protocol import LineError, OutputLine
+from core import metrics
 from core.batches import ANYONE, Batch, BatchStore, line_task_ids
 from core.files import FileStore
 from core.protocol import TaskStatus
+from model_loader.source import model_name
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,9 @@ class BatchDriver:
                 fields[f"{kind}_file_id"] = file_id
         if self.batches.move(batch, ("finalizing",), batch.ending or "completed", **fields):
             self.batches.forget_lines(batch)
+            model = model_name(self.services.settings)
+            for outcome in ("completed", "failed"):
+                self.services.redis.hincrbyfloat(metrics.KEY, metrics.batch_lines(model, outcome), fields[outcome])
 
     def _entry(
         self, batch: Batch, door: Door, line: dict[str, Any], index: int, task_ids: list[str] | None
