@@ -3,22 +3,32 @@
     python run_client.py "Why is the sky blue?"
     echo "Why is the sky blue?" | python run_client.py
     python run_client.py --chat --system "Answer in one sentence."
+    python run_client.py batch requests.jsonl
+
 
 The answer is read from the task's event stream as the server pushes it (`--poll` polls
 instead). It goes to stdout and everything else (stats, errors) to stderr, so the answer can be
 piped. Exit codes: 0 done, 1 the task failed, 2 the server is unreachable, 3 the request was
 rejected, 4 timed out, 130 interrupted (Ctrl-C also cancels the task on the server).
+
+`batch FILE.jsonl` runs an OpenAI Batch file (one request per line) through the server's Batch API
+with the official SDK, shows its progress, and writes the output (and any errors) beside the file,
+as FILE.output.jsonl and FILE.errors.jsonl; Ctrl-C cancels the batch.
 """
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import httpx
+import openai
 from httpx_sse import SSEError, connect_sse
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.protocol import (
@@ -358,8 +368,74 @@ def run(options: argparse.Namespace) -> None:
             render_stats(answer(client, build_request(options, prompt=options.prompt), options), stats)
 
 
+BATCH_ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+def parse_batch_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="run_client.py batch", description="Run an OpenAI Batch file on the server; write its output beside it.",
+        epilog="Exit codes: 0 completed, 1 failed, expired or cancelled, 2 server unreachable, 3 rejected, 130 interrupted.",
+    )
+    parser.add_argument("file", type=Path, help="the JSONL file: one request per line, as OpenAI's Batch API takes")
+    parser.add_argument("--url", default=get_settings().base_url, help="API base URL (default: %(default)s)")
+    parser.add_argument("--api-key", help="the bearer key (default: API_KEY from the environment)")
+    parser.add_argument("--poll-interval", type=_positive, default=1.0, help="seconds between looks (default: 1)")
+    options = parser.parse_args(argv)
+    if options.api_key is None:
+        key = get_settings().api_key
+        options.api_key = key.get_secret_value() if key is not None else "unused"
+    if not options.file.is_file():
+        parser.error(f"{options.file} is not a file")
+    return options
+
+
+def run_batch(options: argparse.Namespace) -> str:
+    """The batch's end status, once its files are written beside the input."""
+    client = openai.OpenAI(base_url=f"{options.url.rstrip('/')}/v1", api_key=options.api_key, max_retries=3)
+    first = next((line for line in options.file.read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
+    endpoint = json.loads(first).get("url", "/v1/chat/completions")
+    try:
+        uploaded = client.files.create(file=options.file.open("rb"), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+    except openai.APIConnectionError as exc:
+        raise Unreachable(f"cannot reach {options.url}: {exc}") from exc
+    except openai.APIStatusError as exc:
+        raise Rejected(f"{exc.status_code}: {exc.message}") from exc
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            shown = progress.add_task(f"{batch.id} validating", total=None)
+            while batch.status not in BATCH_ENDED:
+                time.sleep(options.poll_interval)
+                batch = client.batches.retrieve(batch.id)
+                counts = batch.request_counts
+                progress.update(shown, description=f"{batch.id} {batch.status}", total=counts.total if counts else None,
+                                completed=(counts.completed + counts.failed) if counts else 0)
+    except KeyboardInterrupt:
+        client.batches.cancel(batch.id)
+        print(f"\ncancelled {batch.id}: what finished is kept in its output file", file=sys.stderr)
+        raise
+    for error in (batch.errors.data if batch.errors else None) or []:
+        print(f"line {error.line}: {error.message}", file=sys.stderr)
+    for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+        if file_id:
+            target = options.file.with_suffix(f".{kind}.jsonl")
+            target.write_bytes(client.files.content(file_id).content)
+            print(f"{kind}: {target}", file=sys.stderr)
+    return batch.status
+
+
 def main(argv: list[str] | None = None) -> int:
     """The one place failures become messages and exit codes, Ctrl-C included."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["batch"] and len(arguments) > 1:
+        try:
+            return 0 if run_batch(parse_batch_args(arguments[1:])) == "completed" else 1
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     options = parse_args(argv)
     try:
         run(options)

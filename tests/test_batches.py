@@ -1,11 +1,16 @@
 """OpenAI's Batch API on the durable queue, driven by the official `openai` package against the real stack."""
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.processes import Stack
 from tests.extra_api import extra_api
@@ -205,9 +210,6 @@ def test_a_batch_survives_a_killed_worker_and_a_restarted_api(own_stack: Stack) 
 
 
 def test_metrics_count_batches_by_status_and_their_lines(sdk: openai.OpenAI, api_url: str) -> None:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
     def samples() -> dict[tuple[str, str], float]:
         families = text_string_to_metric_families(httpx.get(f"{api_url}/metrics", timeout=30).text)
         return {(s.name, s.labels.get("status") or s.labels.get("outcome", "")): s.value
@@ -219,3 +221,15 @@ def test_metrics_count_batches_by_status_and_their_lines(sdk: openai.OpenAI, api
     assert after[("queued_llama_batches", "completed")] == before.get(("queued_llama_batches", "completed"), 0) + 1
     lines = ("queued_llama_batch_lines_total", "completed")
     assert after[lines] == before.get(lines, 0) + 2
+
+
+def test_run_client_runs_a_batch_file_and_writes_its_output_beside_it(api_url: str, tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([chat_line(i) for i in range(4)]))
+    command = [sys.executable, "run_client.py", "batch", str(requests), "--url", api_url, "--poll-interval", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=BATCH_TIMEOUT_S,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = [json.loads(line) for line in (tmp_path / "requests.output.jsonl").read_text().splitlines()]
+    assert sorted(entry["custom_id"] for entry in written) == [f"line-{i}" for i in range(4)]
+    assert "completed" in done.stderr and not (tmp_path / "requests.errors.jsonl").exists()
