@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import errors, streams
+from app import errors, streams, webhooks
 from app.body_limit import BodyLimit
 from app.deps import Services
 from app.openai.app import create_openai_app, share_services
@@ -86,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         share_services(family, app.state.services)
     async with anyio.create_task_group() as background:
         background.start_soon(batch_driver.run, app.state.services)
+        background.start_soon(webhooks.run, app.state.services)
         yield
         background.cancel_scope.cancel()
     await app.state.services.aredis.aclose()

@@ -29,6 +29,7 @@ COUNTER_LABELS = {
     metrics.REJECTED: ["model", "key", "code"],
     metrics.ADMITTED: ["model", "key"],
     metrics.BATCH_LINES: ["model", "outcome"],
+    metrics.WEBHOOK_DELIVERIES: ["model", "outcome"],
 }
 
 

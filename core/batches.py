@@ -71,6 +71,7 @@ class Batch:
     error_file_id: str | None = None
     errors: list[dict[str, object]] = field(default_factory=list)
     ending: str | None = None  # the status finalizing ends in: completed, cancelled or expired
+    webhook: tuple[str, str] | None = None  # where its end is announced (target name, URL), fixed at creation
 
 
 class BatchStore:
@@ -79,12 +80,12 @@ class BatchStore:
         self._move = client.register_script(_MOVE_LUA)
 
     def create(self, owner: str | None, endpoint: str, input_file_id: str, window_s: int, window: str,
-               metadata: dict[str, str]) -> Batch:
+               metadata: dict[str, str], webhook: tuple[str, str] | None) -> Batch:
         now = int(time.time())
         batch = Batch(
             id=BATCH_ID_PREFIX + uuid.uuid4().hex, owner=owner or ANYONE, endpoint=endpoint,
             input_file_id=input_file_id, completion_window=window, status="validating", created_at=now,
-            expires_at=now + window_s, metadata=metadata,
+            expires_at=now + window_s, metadata=metadata, webhook=webhook,
         )
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(_record_key(batch.id), mapping=_fields(batch))
@@ -194,6 +195,8 @@ def _fields(batch: Batch) -> dict[str, str]:
         "expires_at": batch.expires_at, "metadata": batch.metadata, "total": batch.total,
         "completed": batch.completed, "failed": batch.failed,
     }
+    if batch.webhook is not None:
+        fields["webhook"] = list(batch.webhook)
     return {key: _encode(value) for key, value in fields.items()}
 
 
@@ -208,4 +211,5 @@ def _batch(fields: dict[str, str]) -> Batch:
         failed=int(fields.get("failed", 0)), output_file_id=fields.get("output_file_id"),
         error_file_id=fields.get("error_file_id"), errors=json.loads(fields.get("errors", "[]")),
         ending=fields.get("ending"),
+        webhook=tuple(json.loads(fields["webhook"])) if "webhook" in fields else None,  # type: ignore[arg-type]
     )

@@ -57,6 +57,7 @@ TAKEOVERS = f"{PREFIX}request_takeovers_total"
 REJECTED = f"{PREFIX}request_rejected_total"
 ADMITTED = f"{PREFIX}request_admitted_total"
 BATCH_LINES = f"{PREFIX}batch_lines_total"
+WEBHOOK_DELIVERIES = f"{PREFIX}webhook_deliveries_total"
 COUNTERS = {
     FINISHED: "Tasks that ended, by status and finish_reason ('none' for a failed task).",
     PROMPT_TOKENS: "Prompt tokens of the tasks that ended with a result.",
@@ -65,6 +66,7 @@ COUNTERS = {
     REJECTED: "Requests refused, by key name and HTTP status (400 and 422 bad input, 413 too large, 429 a limit).",
     ADMITTED: "Tasks admitted to the queue, by key name.",
     BATCH_LINES: "Lines of batches that ended, by outcome (completed; failed: refused, failed, cancelled or expired).",
+    WEBHOOK_DELIVERIES: "Webhook delivery attempts, by outcome (delivered; failed, to be retried; given_up).",
 }
 
 
@@ -110,6 +112,10 @@ def admitted(model: str, key: str) -> str:
 
 def batch_lines(model: str, outcome: str) -> str:
     return field(BATCH_LINES, model=model, outcome=outcome)
+
+
+def webhook_deliveries(model: str, outcome: str) -> str:
+    return field(WEBHOOK_DELIVERIES, model=model, outcome=outcome)
 
 
 def _bound(bound: float) -> str:

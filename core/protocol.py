@@ -67,7 +67,9 @@ class GenerateRequest(BaseModel):
     `messages`, whose checks need it.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN (JSON parsers here accept them) would reach the engine: sampling at an infinite
+    # temperature or penalty is NaN, and llama-server's JSON has no way to say them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: Text | None = Field(None, min_length=1)
     prompt_ids: list[int] | None = Field(

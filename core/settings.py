@@ -25,6 +25,15 @@ class KeyLimits(BaseModel):
     max_kept_bytes: int | None = Field(None, ge=1)
 
 
+class WebhookTarget(BaseModel):
+    """Where one key's events go (KEY_WEBHOOKS), signed with its own secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    secret: SecretStr = Field(description="whsec_ and base64, as Standard Webhooks (and OpenAI) write it.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=(), env_ignore_empty=True)
 
@@ -127,6 +136,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _webhooks_signed(self) -> "Settings":
+        targets = [("WEBHOOK_SECRET", self.webhook_secret)] if self.webhook_url else []
+        targets += [(f"KEY_WEBHOOKS[{name}].secret", target.secret) for name, target in self.key_webhooks.items()]
+        for name, secret in targets:
+            if not secret.get_secret_value().startswith("whsec_"):
+                raise ValueError(f"{name} must be a Standard Webhooks secret, whsec_ and base64")
+        return self
+
+    @model_validator(mode="after")
     def _sentinels_readable(self) -> "Settings":
         self.sentinel_addresses  # an entry that is not host:port fails at startup, not at the first connection
         return self
@@ -158,6 +176,13 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
     file_max_bytes: int = Field(33_554_432, ge=1024, description="Largest file one upload may hold; larger answer 413.")
+    webhook_url: str = Field("", description="Where events (responses and batches ending) are sent; empty sends none.")
+    webhook_secret: SecretStr = Field(SecretStr(""), description="WEBHOOK_URL's signing secret, whsec_ and base64.")
+    key_webhooks: dict[str, WebhookTarget] = Field(
+        {}, description='Per key name, JSON: {"team-a": {"url": "...", "secret": "whsec_..."}}; wins over WEBHOOK_URL.'
+    )
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="The first retry's wait; each next one doubles it.")
+    webhook_retry_for_s: float = Field(259_200, gt=0, description="How long an undelivered event is retried (72 h).")
     batch_window_s: int = Field(
         86_400, ge=1, description="How long a batch's completion_window ('24h') lasts; what is unfinished then expires."
     )

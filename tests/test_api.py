@@ -117,3 +117,11 @@ def test_api_process_never_imports_torch(tokenizer_dir: object) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty", "top_p", "presence_penalty"])
+def test_infinite_or_nan_sampling_values_are_422_naming_the_field(client: httpx.Client, field: str) -> None:
+    for value in (b"Infinity", b"NaN"):
+        body = b'{"prompt": "hi", "max_new_tokens": 1, "' + field.encode() + b'": ' + value + b"}"
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and field in response.text, response.text

@@ -119,7 +119,7 @@ def test_cancel_keeps_what_finished_and_cancels_the_rest(sdk: openai.OpenAI) -> 
 
 
 def test_a_window_that_passes_expires_the_batch_and_keys_see_only_their_own(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    api_url: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     overrides = {"API_KEYS": "a:key-a,b:key-b", "BATCH_WINDOW_S": "4", "BATCH_MAX_IN_FLIGHT": "2"}
     with extra_api(stack_env, tmp_path_factory.mktemp("batches"), overrides) as url:

@@ -1,6 +1,7 @@
 """OpenAI's Files API, driven by the official `openai` package: upload, list, retrieve, download, delete."""
 
 import json
+import uuid
 from collections.abc import Iterator
 
 import openai
@@ -57,11 +58,14 @@ def test_a_purpose_other_than_batch_is_refused_by_name(sdk: openai.OpenAI) -> No
     assert refused.value.param == "purpose"
 
 
-def test_sizes_answer_413_and_keys_see_only_their_own_files(stack_env: dict[str, str], tmp_path_factory) -> None:
-    overrides = {"API_KEYS": "a:key-a,b:key-b", "FILE_MAX_BYTES": "4096", "FILES_BYTES_PER_KEY": "8192"}
+def test_sizes_answer_413_and_keys_see_only_their_own_files(
+    api_url: str, stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    key_a, key_b = (f"files-{uuid.uuid4().hex}" for _ in range(2))  # budgets fresh, whatever ran before
+    overrides = {"API_KEYS": f"a:{key_a},b:{key_b}", "FILE_MAX_BYTES": "4096", "FILES_BYTES_PER_KEY": "8192"}
     with extra_api(stack_env, tmp_path_factory.mktemp("files"), overrides) as url:
-        a = openai.OpenAI(base_url=f"{url}/v1", api_key="key-a", max_retries=0)
-        b = openai.OpenAI(base_url=f"{url}/v1", api_key="key-b", max_retries=0)
+        a = openai.OpenAI(base_url=f"{url}/v1", api_key=key_a, max_retries=0)
+        b = openai.OpenAI(base_url=f"{url}/v1", api_key=key_b, max_retries=0)
         with pytest.raises(openai.APIStatusError) as too_large:
             a.files.create(file=("big.jsonl", b"x" * 5000), purpose="batch")
         assert too_large.value.status_code == 413 and "FILE_MAX_BYTES" in too_large.value.message

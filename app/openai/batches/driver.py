@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 from fastapi import HTTPException
 
+from app import webhooks
 from app.admission import admit
 from app.deps import Services
 from app.openai.batches.doors import DOORS, Door, is_refusal, refusal
@@ -85,13 +86,13 @@ class BatchDriver:
 
     def _validate(self, batch: Batch) -> None:
         door = DOORS[batch.endpoint]
-        stored = self.files.get(batch.input_file_id, None if batch.owner == ANYONE else batch.owner)
+        stored = self.files.get(batch.input_file_id, _owner(batch))
         data = self.files.content(stored) if stored is not None else None
         lines, errors = ([], [LineError(code="invalid_file", message="the input file was deleted")]) \
             if data is None else _read_lines(data, batch, door, self.services)
         if errors:
-            self.batches.move(batch, ("validating",), "failed",
-                              errors=[e.model_dump() for e in errors[:MAX_ERRORS]])
+            if self.batches.move(batch, ("validating",), "failed", errors=[e.model_dump() for e in errors[:MAX_ERRORS]]):
+                webhooks.emit(self.services, batch.webhook, "batch.failed", batch.id)
             return
         self.batches.add_lines(batch, lines)
         self.batches.move(batch, ("validating",), "in_progress", total=len(lines))
@@ -134,7 +135,7 @@ class BatchDriver:
             ids = line_task_ids(batch.id, index, len(requests))
             for task_id, request in zip(ids, requests):
                 if self.services.store.status(task_id) is None:
-                    admit(request, self.services, None if batch.owner == ANYONE else batch.owner,
+                    admit(request, self.services, _owner(batch),
                           background=True, task_id=task_id)
         except HTTPException as exc:
             if exc.status_code in (429, 503):
@@ -173,7 +174,7 @@ class BatchDriver:
             line = self.batches.line(batch, index)
             entry, ok = self._entry(batch, door, line, index, tasks.get(index))
             (outputs if ok else errors).append(entry.model_dump_json())
-        owner = None if batch.owner == ANYONE else batch.owner
+        owner = _owner(batch)
         fields: dict[str, Any] = {"completed": len(outputs), "failed": len(errors)}
         for kind, entries in (("output", outputs), ("error", errors)):
             if entries:
@@ -182,6 +183,7 @@ class BatchDriver:
                 self.files.create(owner, f"{batch.id}_{kind}.jsonl", "batch_output", data, file_id, UNLIMITED)
                 fields[f"{kind}_file_id"] = file_id
         if self.batches.move(batch, ("finalizing",), batch.ending or "completed", **fields):
+            webhooks.emit(self.services, batch.webhook, f"batch.{batch.ending or 'completed'}", batch.id)
             self.batches.forget_lines(batch)
             model = model_name(self.services.settings)
             for outcome in ("completed", "failed"):
@@ -215,6 +217,10 @@ class BatchDriver:
             (failed.error if failed is not None and failed.error else "the generation failed")
         return OutputLine(id=entry_id, custom_id=custom_id, response=None,
                           error={"code": code, "message": message}), False
+
+
+def _owner(batch: Batch) -> str | None:
+    return None if batch.owner == ANYONE else batch.owner
 
 
 def _refused(task_ids: list[str]) -> bool:

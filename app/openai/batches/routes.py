@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
+from app import webhooks
 from app.deps import Services, ServicesDep
 from app.errors import Refusal
 from app.openai.batches.protocol import BatchCreateRequest, BatchList, BatchObject
@@ -24,6 +25,7 @@ async def create_batch(body: BatchCreateRequest, services: ServicesDep, caller: 
     batch = await run_in_threadpool(
         BatchStore(services.redis).create, caller, body.endpoint, body.input_file_id,
         services.settings.batch_window_s, body.completion_window, body.metadata or {},
+        webhooks.target(services.settings, caller),
     )
     return BatchObject.of(batch)
 

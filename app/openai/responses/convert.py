@@ -164,7 +164,7 @@ def settings_of(body: ResponseCreateRequest, request: GenerateRequest) -> Respon
 
 def response(task_id: str, settings: ResponseSettings, view: TaskView | None) -> Response:
     """The response as it stands; `view` None means it has just been queued."""
-    status = _status(view) if view is not None else "queued"
+    status = status_of(view) if view is not None else "queued"
     base = Response(id=response_id(task_id), status=status, output=[], **settings.model_dump())
     if view is None:
         return base
@@ -183,7 +183,7 @@ def response(task_id: str, settings: ResponseSettings, view: TaskView | None) ->
     return base.model_copy(update=update)
 
 
-def _status(view: TaskView) -> ResponseStatus:
+def status_of(view: TaskView) -> ResponseStatus:
     """The time limit (TASK_TIME_LIMIT_S) ends a response `incomplete` too: it is the server's output limit."""
     if view.status == TaskStatus.succeeded:
         return "incomplete" if view.finish_reason in ("length", "timeout") else "completed"

@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response as HTTPResponse
 from fastapi.sse import ServerSentEvent
 
+from app import webhooks
 from app.admission import admit, input_tokens, internal_request
 from app.deps import Services, ServicesDep
 from app.errors import family_route
@@ -83,6 +84,8 @@ async def create_response(
         lambda: run_in_threadpool(admit, internal, services, caller, settings.model_dump_json(), background),
     )
     headers = {"X-Task-Id": task_id}
+    if body.background:
+        await run_in_threadpool(webhooks.watch_response, services, task_id, caller)
     if body.stream:
         events = _events(services, task_id, settings, -1, cancel_on_leave=not body.background)
         return sse_response(events, headers, on_close)
