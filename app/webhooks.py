@@ -15,10 +15,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-import anyio
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from app.background import every
 from app.deps import Services
 from app.openai.responses.convert import response_id, status_of
 from core import metrics
@@ -61,13 +61,7 @@ def watch_response(services: Services, task_id: str, owner: str | None) -> None:
 
 
 async def run(services: Services) -> None:
-    sender = Sender(services)
-    while True:
-        try:
-            await anyio.to_thread.run_sync(sender.pass_once)
-        except Exception:
-            log.exception("a webhook pass failed; the next one tries again")
-        await anyio.sleep(PASS_S)
+    await every(PASS_S, Sender(services).pass_once, "a webhook pass")
 
 
 class Sender:

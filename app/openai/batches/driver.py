@@ -17,16 +17,15 @@ on) and does the next step that its record says is due:
 """
 
 import json
-import logging
 import time
 import uuid
 from typing import Any
 
-import anyio
 from fastapi import HTTPException
 
 from app import webhooks
 from app.admission import admit
+from app.background import every
 from app.deps import Services
 from app.openai.batches.doors import DOORS, Door, is_refusal, refusal
 from app.openai.batches.protocol import LineError, OutputLine
@@ -36,8 +35,6 @@ from core.files import FileStore
 from core.protocol import TaskStatus
 from model_loader.source import model_name
 
-log = logging.getLogger(__name__)
-
 PASS_S = 0.5
 LOCK_MS = 30_000
 MAX_ERRORS = 100  # a bad file's errors listed, at most
@@ -46,14 +43,7 @@ REFUSED_PREFIX = "!"  # a line refused at submission: its status and error body 
 
 
 async def run(services: Services) -> None:
-    """The driver's loop, for the API's lifetime; a pass that fails is logged and the next one tries again."""
-    driver = BatchDriver(services)
-    while True:
-        try:
-            await anyio.to_thread.run_sync(driver.pass_once)
-        except Exception:
-            log.exception("a batch pass failed; the next one tries again")
-        await anyio.sleep(PASS_S)
+    await every(PASS_S, BatchDriver(services).pass_once, "a batch pass")
 
 
 class BatchDriver:

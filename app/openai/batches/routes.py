@@ -12,6 +12,7 @@ from app import webhooks
 from app.deps import Services, ServicesDep
 from app.errors import Refusal
 from app.openai.batches.protocol import BatchCreateRequest, BatchList, BatchObject
+from app.openai.pages import page_after
 from app.security import CallerTag
 from core.batches import Batch, BatchStore
 
@@ -36,13 +37,10 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
     """Newest first, `after` the last id of the page before, as the SDK pages them."""
-    batches = (await run_in_threadpool(BatchStore(services.redis).listed, caller))[::-1]
-    if after is not None:
-        ids = [b.id for b in batches]
-        batches = batches[ids.index(after) + 1 :] if after in ids else []
-    page = [BatchObject.of(b) for b in batches[:limit]]
+    batches, more = page_after((await run_in_threadpool(BatchStore(services.redis).listed, caller))[::-1], after, limit)
+    page = [BatchObject.of(b) for b in batches]
     return BatchList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
-                     has_more=len(batches) > limit)
+                     has_more=more)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from app.deps import ServicesDep
 from app.errors import Refusal
 from app.openai.files.protocol import PURPOSES, FileDeleted, FileList, FileObject
+from app.openai.pages import page_after
 from app.security import CallerTag
 from core.files import OverBudget, StoredFile
 from core.settings import Settings
@@ -48,12 +49,10 @@ async def list_files(
     """OpenAI's cursor page: newest first by default, `after` the last id of the page before."""
     stored = await run_in_threadpool(services.files.listed, caller)
     files = [f for f in (stored if order == "asc" else stored[::-1]) if purpose is None or f.purpose == purpose]
-    if after is not None:
-        ids = [f.id for f in files]
-        files = files[ids.index(after) + 1 :] if after in ids else []
-    page = [FileObject.of(f) for f in files[:limit]]
+    chosen, more = page_after(files, after, limit)
+    page = [FileObject.of(f) for f in chosen]
     return FileList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
-                    has_more=len(files) > limit)
+                    has_more=more)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
