@@ -275,6 +275,13 @@ class TaskStore:
         value = self.redis.hget(record_key(task_id), "status")
         return TaskStatus(value.decode()) if value is not None else None
 
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        """Many tasks' statuses in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(record_key(task_id), "status")
+            return [TaskStatus(value.decode()) if value is not None else None for value in pipe.execute()]
+
     def owner(self, task_id: str) -> str | None:
         """The tag given to `create`; None for an unknown task or one created with none."""
         value = self.redis.hget(record_key(task_id), "owner")

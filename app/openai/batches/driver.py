@@ -94,13 +94,15 @@ class BatchDriver:
             ending = "expired"
             self.batches.note_ending(batch, ending)
         tasks = self.batches.tasks(batch)
-        unfinished = [i for i, ids in tasks.items() if not _refused(ids) and not self._ended(ids)]
-        completed, failed = self._counts(tasks)
-        self.batches.set_counts(batch, completed, failed)
+        statuses = self._statuses(tasks)
+        unfinished = [i for i, line in statuses.items() if not all(s is None or s.finished for s in line)]
+        completed = sum(1 for line in statuses.values() if all(s == TaskStatus.succeeded for s in line))
+        self.batches.set_counts(batch, completed, len(tasks) - len(unfinished) - completed)
         if ending is not None:
-            for index in unfinished:
-                for task_id in tasks[index]:
-                    self.services.store.request_cancel(task_id)
+            for index in unfinished:  # those queued; the running ones end as they would
+                for task_id, status in zip(tasks[index], statuses[index]):
+                    if status == TaskStatus.queued:
+                        self.services.store.request_cancel(task_id)
             if not unfinished:
                 self.batches.move(batch, ("in_progress", "cancelling"), "finalizing", ending=ending)
             return
@@ -127,11 +129,9 @@ class BatchDriver:
                 if self.services.store.status(task_id) is None:
                     admit(request, self.services, _owner(batch),
                           background=True, task_id=task_id)
-        except HTTPException as exc:
-            if exc.status_code in (429, 503):
-                return False
-            raise
         except Exception as exc:
+            if isinstance(exc, HTTPException) and exc.status_code in (429, 503):
+                return False
             if not is_refusal(exc):
                 raise
             status, body = refusal(door, exc)
@@ -140,20 +140,16 @@ class BatchDriver:
         self.batches.note_tasks(batch, index, ids)
         return True
 
-    def _ended(self, task_ids: list[str]) -> bool:
-        return all((status := self.services.store.status(t)) is None or status.finished for t in task_ids)
-
-    def _counts(self, tasks: dict[int, list[str]]) -> tuple[int, int]:
-        completed = failed = 0
-        for ids in tasks.values():
-            if _refused(ids):
-                failed += 1
-            elif self._ended(ids):
-                if all(self.services.store.status(t) == TaskStatus.succeeded for t in ids):
-                    completed += 1
-                else:
-                    failed += 1
-        return completed, failed
+    def _statuses(self, tasks: dict[int, list[str]]) -> dict[int, list[TaskStatus | None]]:
+        """Each submitted line's task statuses, read in one round trip (a refused line has none)."""
+        submitted = {index: ids for index, ids in tasks.items() if not _refused(ids)}
+        flat = self.services.store.statuses([task_id for ids in submitted.values() for task_id in ids])
+        found: dict[int, list[TaskStatus | None]] = {index: [] for index in tasks}
+        cursor = 0
+        for index, ids in submitted.items():
+            found[index] = flat[cursor : cursor + len(ids)]
+            cursor += len(ids)
+        return found
 
     def _finalize(self, batch: Batch) -> None:
         door = DOORS[batch.endpoint]
