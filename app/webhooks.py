@@ -81,12 +81,14 @@ class Sender:
                 self._send(event_id, event, secret)
 
     def _ended_responses(self) -> None:
-        for task_id, where in self.outbox.watched().items():
-            view = self.services.store.view(task_id)
-            if view is None or view.status.finished:
-                if view is not None:
-                    emit(self.services, where, f"response.{status_of(view)}", response_id(task_id))
-                self.outbox.unwatch(task_id)
+        watched = self.outbox.watched()
+        for (task_id, where), status in zip(watched.items(), self.services.store.statuses(list(watched))):
+            if status is not None and not status.finished:
+                continue
+            view = self.services.store.view(task_id) if status is not None else None
+            if view is not None:
+                emit(self.services, where, f"response.{status_of(view)}", response_id(task_id))
+            self.outbox.unwatch(task_id)
 
     def _secret(self, name: str) -> str | None:
         settings = self.services.settings
