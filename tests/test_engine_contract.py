@@ -300,7 +300,8 @@ def test_answers_at_once_each_keep_their_own_grammar_and_options(engine: Engine,
     jsonschema.validate(json.loads(outcomes["pet"].text), PET)  # type: ignore[attr-defined]
     assert len(recorders["scored"].logprobs) == len(recorders["scored"].ids) == 16
     assert [lp.top[0][0] for lp in recorders["scored"].logprobs] == recorders["scored"].ids
-    assert recorders["plain"].logprobs == [] and recorders["plain"].ids == recorders["scored"].ids
+    # (Not the same tokens as "scored": batched beside different neighbours, llama.cpp's greedy answers may differ.)
+    assert recorders["plain"].logprobs == [] and len(recorders["plain"].ids) == 16
 
 
 def test_cancel_stops_at_the_next_token_and_frees_the_slot(engine: Engine, tokenizer_dir: Path) -> None:
