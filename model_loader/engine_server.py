@@ -78,6 +78,17 @@ class EngineServer:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def gone(self, grace_s: float = 2.0) -> bool:
+        """Whether the server has died, given `grace_s` to be seen dead: a killed server's connections close
+        as it exits, a moment before its exit can be reaped, so a broken stream may come first."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None

@@ -127,7 +127,7 @@ class LlamaCppEngine(ServedEngine):
                         self._learn_eos(event, sink)
                         return
         except httpx.TransportError as exc:
-            if self.server.alive:
+            if not self.server.gone():
                 raise
             self._restarted(str(exc))
 
