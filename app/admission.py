@@ -165,7 +165,8 @@ def _enqueue(
         raise
     count_admitted(services, who.name)
     try:
-        services.lanes.release(sender(services.celery), services.settings.background_share)
+        services.lanes.release(sender(services.celery), services.settings.background_share,
+                               services.settings.interactive_slots)
     except Exception:  # the task waits in its lane (or in `released`, to be sent again): it is accepted
         log.warning("task %s: not released at admission; a worker's next scan releases it", task_id, exc_info=True)
     wanted = services.settings.redis_min_replicas

@@ -8,7 +8,9 @@ and not yet started), so Celery's queue stays about as short as the free slots, 
 of work is decided here, not by arrival:
 
 - between classes, by stride scheduling: background gets BACKGROUND_SHARE of the releases while
-  both have work, interactive the rest, and neither banks credit while the other is idle;
+  both have work, interactive the rest, and neither banks credit while the other is idle; and
+  background work never takes the last INTERACTIVE_SLOTS free slots (unless the fleet has no more
+  than that), so an interactive request arriving behind a batch finds a slot at once;
 - within a class, by stride scheduling over the lanes with work (weighted fair queueing, one
   release costing 1/weight of a lane's pass): the lane with the lowest pass goes next, and a
   lane that comes back after idling starts at the class's current pass, never behind it. A
@@ -115,14 +117,16 @@ redis.call('PERSIST', KEYS[1])
 return 1
 """
 
-# KEYS: released, leases, class passes, policy. ARGV: capacity (the ready slots), background share.
-# Releases tasks while fewer than `capacity` are released or running; returns {id, request, ...}.
+# KEYS: released, leases, class passes, policy. ARGV: capacity (the ready slots), background share, slots
+# kept for interactive work. Releases tasks while fewer than `capacity` are released or running (background
+# ones while fewer than `capacity` less the kept slots, at least one); returns {id, request, ...}.
 _RELEASE_LUA = """
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local share = tonumber(ARGV[2])
 local class_weight = {interactive = 1 - share, background = share}
 local busy = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local background_limit = math.max(1, tonumber(ARGV[1]) - tonumber(ARGV[3]))
 local out = {}
 
 local function policy(tenant)
@@ -148,7 +152,7 @@ while busy < tonumber(ARGV[1]) do
   local chosen, lane, pass = nil, nil, nil
   local ready = {}
   for _, class in ipairs({'interactive', 'background'}) do
-    ready[class] = next_lane(class)
+    if class == 'interactive' or busy < background_limit then ready[class] = next_lane(class) end
     local class_pass = tonumber(redis.call('HGET', KEYS[3], class) or '0')
     if ready[class] and (not chosen or class_pass < pass) then chosen, lane, pass = class, ready[class], class_pass end
   end
@@ -268,13 +272,14 @@ class Lanes:
         args = [task_id, tenant.name, tenant.weight, tenant.max_running, task_class, json.dumps(request)]
         self._enqueue(keys=keys, args=args)
 
-    def release(self, send: Send, share: float) -> int:
-        """Release as many tasks as there are free slots, and send each; returns how many."""
+    def release(self, send: Send, share: float, kept: int = 0) -> int:
+        """Release as many tasks as there are free slots, and send each; returns how many. Background work
+        leaves `kept` slots free (while the fleet has more), so an interactive request finds one at once."""
         capacity = sum(worker.slots for worker in Heartbeats(self.redis).live() if worker.ready)
         if not capacity:
             return 0
         released = self._release(keys=[RELEASED_KEY, self._leases_key, CLASS_PASSES_KEY, POLICY_KEY],
-                                 args=[capacity, share])
+                                 args=[capacity, share, kept])
         return _send_all(released, send)
 
     def resend_overdue(self, send: Send) -> int:

@@ -141,3 +141,22 @@ def test_a_cancelled_task_leaves_its_lane_and_a_lost_release_is_sent_again(
     sent: list[str] = []
     assert lanes.resend_overdue(lambda task_id, _: sent.append(task_id)) == 1 and sent == [kept]
     assert lanes.resend_overdue(lambda task_id, _: sent.append(task_id)) == 0, "sent again before its time"
+
+
+def test_background_work_leaves_the_kept_slots_to_interactive_requests(store: TaskStore, lanes: Lanes,
+                                                                        client: redis.Redis) -> None:
+    slots(client, 4)
+    batch = queue(store, lanes, named("a"), 10, BACKGROUND)
+    sent: list[str] = []
+    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 3  # one slot kept
+    assert set(sent) <= set(batch)
+    asked = queue(store, lanes, named("b"), 2)
+    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 1
+    assert sent[-1] in asked  # the kept slot, at once
+
+
+def test_a_fleet_of_no_more_slots_than_kept_still_runs_background_work(store: TaskStore, lanes: Lanes,
+                                                                       client: redis.Redis) -> None:
+    slots(client, 1)
+    queue(store, lanes, named("a"), 2, BACKGROUND)
+    assert lanes.release(lambda *_: None, SHARE, 1) == 1

@@ -20,10 +20,11 @@ SCAN_S = 1.0
 class Releases:
     """Releases on a daemon thread until `stop`; `nudge` releases at once."""
 
-    def __init__(self, lanes: Lanes, send: Send, background_share: float) -> None:
+    def __init__(self, lanes: Lanes, send: Send, background_share: float, interactive_slots: int) -> None:
         self._lanes = lanes
         self._send = send
         self._share = background_share
+        self._kept = interactive_slots
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="releases", daemon=True)
@@ -46,7 +47,7 @@ class Releases:
             if self._stopping.is_set():
                 return
             try:
-                self._lanes.release(self._send, self._share)
+                self._lanes.release(self._send, self._share, self._kept)
                 self._lanes.resend_overdue(self._send)
             except Exception:  # Redis away: the next tick tries again
                 log.debug("no release this tick", exc_info=True)

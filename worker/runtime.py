@@ -71,7 +71,9 @@ class WorkerRuntime:
             store=store,
             leases=Leases(store, settings.lease_renew_s, send, settings.generation_stall_s),
             cancels=CancelListener(store.redis),
-            releases=Releases(Lanes(store.redis, LEASES_KEY), send_new, settings.background_share),
+            releases=Releases(
+                Lanes(store.redis, LEASES_KEY), send_new, settings.background_share, settings.interactive_slots
+            ),
         )
 
     def run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
