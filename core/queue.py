@@ -9,8 +9,9 @@ of work is decided here, not by arrival:
 
 - between classes, by stride scheduling: background gets BACKGROUND_SHARE of the releases while
   both have work, interactive the rest, and neither banks credit while the other is idle; and
-  background work never takes the last INTERACTIVE_SLOTS free slots (unless the fleet has no more
-  than that), so an interactive request arriving behind a batch finds a slot at once;
+  while no interactive work waits, background work leaves the last INTERACTIVE_SLOTS slots free
+  (unless the fleet has no more than that), so an interactive request arriving behind a batch
+  finds a slot at once;
 - within a class, by stride scheduling over the lanes with work (weighted fair queueing, one
   release costing 1/weight of a lane's pass): the lane with the lowest pass goes next, and a
   lane that comes back after idling starts at the class's current pass, never behind it. A
@@ -119,7 +120,8 @@ return 1
 
 # KEYS: released, leases, class passes, policy. ARGV: capacity (the ready slots), background share, slots
 # kept for interactive work. Releases tasks while fewer than `capacity` are released or running (background
-# ones while fewer than `capacity` less the kept slots, at least one); returns {id, request, ...}.
+# ones, while no interactive work waits, only while fewer than `capacity` less the kept slots, at least one);
+# returns {id, request, ...}.
 _RELEASE_LUA = """
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -152,7 +154,8 @@ while busy < tonumber(ARGV[1]) do
   local chosen, lane, pass = nil, nil, nil
   local ready = {}
   for _, class in ipairs({'interactive', 'background'}) do
-    if class == 'interactive' or busy < background_limit then ready[class] = next_lane(class) end
+    -- background takes the kept slots only when interactive work waits too (then the shares decide)
+    if class == 'interactive' or busy < background_limit or ready.interactive then ready[class] = next_lane(class) end
     local class_pass = tonumber(redis.call('HGET', KEYS[3], class) or '0')
     if ready[class] and (not chosen or class_pass < pass) then chosen, lane, pass = class, ready[class], class_pass end
   end

@@ -153,6 +153,10 @@ def test_background_work_leaves_the_kept_slots_to_interactive_requests(store: Ta
     asked = queue(store, lanes, named("b"), 2)
     assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 1
     assert sent[-1] in asked  # the kept slot, at once
+    for task_id in sent:  # all four end: the waiting interactive task first, then the batch, a slot kept
+        store.fail(task_id, "done", store.start(task_id, "w", "{}").attempt)
+    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 3
+    assert sent[-3] == asked[1] and set(sent[-2:]) <= set(batch)
 
 
 def test_a_fleet_of_no_more_slots_than_kept_still_runs_background_work(store: TaskStore, lanes: Lanes,
