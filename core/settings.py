@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         {}, description='Per key name, JSON: {"team-a": {"weight": 3, "max_running": 4}}; unset fields take the defaults.'
     )
     interactive_slots: int = Field(
-        1, ge=0, description="Slots background work leaves free for interactive requests (while the fleet has more)."
+        1, ge=0, description="Slots background work leaves free while no interactive request waits (if the fleet has more).",
     )
     background_share: float = Field(
         0.1, gt=0, lt=1, description="Share of free slots that background work gets while interactive work waits."
