@@ -8,6 +8,7 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
+from core.batches import BatchStore
 from core.files import FileStore
 from core.queue import Lanes
 from core.settings import Settings
@@ -24,6 +25,7 @@ class Services:
     aredis: redis.asyncio.Redis  # for the stream routes' blocking reads
     store: TaskStore
     files: FileStore
+    batches: BatchStore
     lanes: Lanes
     celery: Celery
     formatter: ChatFormatter

@@ -26,6 +26,7 @@ from app.metrics import CountRejections
 from app.routes import generate, health, metrics, page, tasks
 from app.security import KeyBeforeBody, authenticate
 from core.protocol import ErrorBody
+from core.batches import BatchStore
 from core.files import FileStore
 from core.redis_client import connect, connect_async
 from core.settings import Settings, get_settings
@@ -47,6 +48,7 @@ def build_services() -> Services:
         aredis=connect_async(settings, longest_block_s=streams.BLOCK_MS / 1000),
         store=TaskStore(client, settings.result_ttl_s, model=model_name(settings)),
         files=FileStore(client, settings.files_bytes_per_key),
+        batches=BatchStore(client),
         lanes=Lanes(client, LEASES_KEY),
         celery=make_celery(settings),
         formatter=load_formatter(folder, settings.prompt_format, model_name(settings)),

@@ -18,7 +18,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.deps import Services
 from app.security import key_name
 from core import metrics
-from core.batches import BatchStore
 from core.heartbeats import Heartbeats
 from core.store import LEASES_KEY
 from model_loader.source import model_name
@@ -65,7 +64,7 @@ class FleetCollector:
             yield gauge
         yield from self._by_key()
         batches = GaugeMetricFamily(f"{metrics.PREFIX}batches", "Batches in each status.", labels=["model", "status"])
-        for status, count in sorted(BatchStore(self.services.redis).by_status().items()):
+        for status, count in sorted(self.services.batches.by_status().items()):
             batches.add_metric([self.model, status], count)
         yield batches
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import redis
 
+from core.redis_client import text
+
 ANYONE = "*"
 BATCH_ID_PREFIX = "batch_"
 ACTIVE_KEY = "batches:active"
@@ -102,19 +104,22 @@ class BatchStore:
         record = self._redis.hgetall(_record_key(batch_id))
         if not record:
             return None
-        batch = _batch({_text(k): _text(v) for k, v in record.items()})
+        batch = _batch({text(k): text(v) for k, v in record.items()})
         return batch if owner is None or batch.owner == (owner or ANYONE) else None
 
     def listed(self, owner: str | None) -> list[Batch]:
         """The owner's batches, oldest first."""
-        ids = [_text(i) for i in self._redis.zrange(_index_key(owner or ANYONE), 0, -1)]
-        return [batch for i in ids if (batch := self.get(i, None)) is not None]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for batch_id in self._redis.zrange(_index_key(owner or ANYONE), 0, -1):
+                pipe.hgetall(_record_key(text(batch_id)))
+            records = pipe.execute()
+        return [_batch({text(k): text(v) for k, v in record.items()}) for record in records if record]
 
     def by_status(self) -> dict[str, int]:
-        return {_text(k): int(v) for k, v in self._redis.hgetall(BY_STATUS_KEY).items()}
+        return {text(k): int(v) for k, v in self._redis.hgetall(BY_STATUS_KEY).items()}
 
     def active(self) -> list[str]:
-        return sorted(_text(i) for i in self._redis.smembers(ACTIVE_KEY))
+        return sorted(text(i) for i in self._redis.smembers(ACTIVE_KEY))
 
     def move(self, batch: Batch, frm: tuple[str, ...], to: str, **fields: object) -> bool:
         """Move the batch to status `to` from one of `frm` (stamping the time), with `fields`; False when
@@ -146,9 +151,12 @@ class BatchStore:
     def line(self, batch: Batch, index: int) -> dict[str, object]:
         return json.loads(self._redis.lindex(_lines_key(batch.id), index))
 
+    def lines(self, batch: Batch) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self._redis.lrange(_lines_key(batch.id), 0, -1)]
+
     def tasks(self, batch: Batch) -> dict[int, list[str]]:
         """Each submitted line's task ids, by line index."""
-        return {int(k): _text(v).split(",") for k, v in self._redis.hgetall(_tasks_key(batch.id)).items()}
+        return {int(k): text(v).split(",") for k, v in self._redis.hgetall(_tasks_key(batch.id)).items()}
 
     def note_tasks(self, batch: Batch, index: int, task_ids: list[str]) -> None:
         self._redis.hset(_tasks_key(batch.id), str(index), ",".join(task_ids))
@@ -178,10 +186,6 @@ def _tasks_key(batch_id: str) -> str:
 
 def _index_key(owner: str) -> str:
     return f"batches:index:{owner}"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _encode(value: object) -> str:

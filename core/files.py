@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import redis
 
+from core.redis_client import text
+
 ANYONE = "*"  # the owner of every file when the API takes no keys
 FILE_ID_PREFIX = "file-"
 SEQUENCE_KEY = "files:sequence"
@@ -116,7 +118,7 @@ class FileStore:
         ids = self._redis.zrange(_index_key(owner or ANYONE), 0, -1)
         with self._redis.pipeline(transaction=False) as pipe:
             for file_id in ids:
-                pipe.hgetall(_record_key(_text(file_id)))
+                pipe.hgetall(_record_key(text(file_id)))
             records = pipe.execute()
         return [stored for record in records if record and (stored := _stored(record)) is not None]
 
@@ -142,12 +144,8 @@ def _fields(stored: StoredFile) -> dict[str, str | int]:
             "created_at": stored.created_at, "owner": stored.owner}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _stored(record: dict) -> StoredFile | None:
-    fields = {_text(key): _text(value) for key, value in record.items()}
+    fields = {text(key): text(value) for key, value in record.items()}
     if "id" not in fields:
         return None
     return StoredFile(

@@ -179,3 +179,8 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
         options["master_name"] = settings.redis_sentinel_master
         options["sentinel_kwargs"] = sentinel_options(settings)
     return options
+
+
+def text(value: bytes | str) -> str:
+    """A value read from Redis (bytes: the clients here do not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -13,6 +13,8 @@ import time
 
 import redis
 
+from core.redis_client import text
+
 OUTBOX_KEY = "webhooks:outbox"
 WATCHING_KEY = "webhooks:watching"
 
@@ -49,11 +51,11 @@ class Outbox:
         return bool(self._add(keys=[_event_key(event_id), OUTBOX_KEY], args=[_now_ms(), *pairs]))
 
     def due(self, limit: int = 32) -> list[str]:
-        return [_text(i) for i in self._redis.zrangebyscore(OUTBOX_KEY, "-inf", _now_ms(), start=0, num=limit)]
+        return [text(i) for i in self._redis.zrangebyscore(OUTBOX_KEY, "-inf", _now_ms(), start=0, num=limit)]
 
     def event(self, event_id: str) -> dict[str, str] | None:
         record = self._redis.hgetall(_event_key(event_id))
-        return {_text(k): _text(v) for k, v in record.items()} if record else None
+        return {text(k): text(v) for k, v in record.items()} if record else None
 
     def claim(self, event_id: str, lease_s: float) -> bool:
         now = _now_ms()
@@ -77,7 +79,7 @@ class Outbox:
 
     def watched(self) -> dict[str, tuple[str, str]]:
         """Each watched task's target: its name and URL."""
-        return {_text(k): tuple(json.loads(v)) for k, v in self._redis.hgetall(WATCHING_KEY).items()}  # type: ignore[misc]
+        return {text(k): tuple(json.loads(v)) for k, v in self._redis.hgetall(WATCHING_KEY).items()}  # type: ignore[misc]
 
     def unwatch(self, task_id: str) -> None:
         self._redis.hdel(WATCHING_KEY, task_id)
@@ -89,10 +91,6 @@ def _event_key(event_id: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def payload(event_id: str, kind: str, object_id: str) -> str:

@@ -30,7 +30,7 @@ from app.deps import Services
 from app.openai.batches.doors import DOORS, Door, is_refusal, refusal
 from app.openai.batches.protocol import LineError, OutputLine
 from core import metrics
-from core.batches import ANYONE, Batch, BatchStore, line_task_ids
+from core.batches import ANYONE, Batch, line_task_ids
 from core.files import FileStore
 from core.protocol import TaskStatus
 from model_loader.source import model_name
@@ -49,7 +49,7 @@ async def run(services: Services) -> None:
 class BatchDriver:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.batches = BatchStore(services.redis)
+        self.batches = services.batches
         self.files: FileStore = services.files
 
     def pass_once(self) -> None:
@@ -156,8 +156,7 @@ class BatchDriver:
         tasks = self.batches.tasks(batch)
         outputs: list[str] = []
         errors: list[str] = []
-        for index in range(batch.total):
-            line = self.batches.line(batch, index)
+        for index, line in enumerate(self.batches.lines(batch)):
             entry, ok = self._entry(batch, door, line, index, tasks.get(index))
             (outputs if ok else errors).append(entry.model_dump_json())
         owner = _owner(batch)
