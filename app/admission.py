@@ -34,7 +34,7 @@ from core.protocol import GenerateRequest
 from core.redis_client import REPLICA_WAIT_MS, replicated
 from core.settings import Settings
 from prompts import ChatFormatter, Prompt, PromptTooLong, build_prompt
-from core.queue import BACKGROUND, INTERACTIVE, sender
+from core.queue import BACKGROUND, INTERACTIVE, Priority, sender
 from core.tenants import Tenant, tenant
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ def _enqueue(
         raise
     count_admitted(services, who.name)
     try:
-        services.lanes.release(sender(services.celery), services.settings.background_share,
-                               services.settings.interactive_slots)
+        services.lanes.release(sender(services.celery), Priority.of(services.settings))
     except Exception:  # the task waits in its lane (or in `released`, to be sent again): it is accepted
         log.warning("task %s: not released at admission; a worker's next scan releases it", task_id, exc_info=True)
     wanted = services.settings.redis_min_replicas

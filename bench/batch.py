@@ -5,8 +5,10 @@ Run: `python -m bench.batch [--engine llamacpp --slots 8 --lines 500 --tokens 32
 One stack (redis-server, one worker of `slots`, the API), the official `openai` SDK as the client:
 1. live: the `lines` chat requests sent at 8 concurrent, greedy, `tokens` each; tok/s is their
    completion tokens over the wall time;
-2. batch: the same requests as one batch file; tok/s is the output's completion tokens over the
-   time from `batches.create` to `completed` (validation and finalization included);
+2. batch: the same requests as one batch file, once the live ones are INTERACTIVE_ACTIVE_S behind
+   (until then background work holds BACKGROUND_ACTIVE_SHARE of the slots); tok/s is the output's
+   completion tokens over the time from `batches.create` to `completed` (validation and
+   finalization included);
 3. TTFT: `probes` interactive streamed requests one after another, with nothing else running, then
    again while a second batch of the same lines runs; p95 of the time to the first content chunk.
 The goals: batch ÷ live at least 0.9; TTFT p95 with a batch ÷ without at most 1.5.
@@ -23,6 +25,7 @@ from pathlib import Path
 import openai
 
 from bench.engines import messages, our_stack, percentile
+from core.settings import get_settings
 
 START_TIMEOUT_S = 900
 LIVE_CONCURRENCY = 8
@@ -95,6 +98,7 @@ def main() -> None:
         model = client.models.list().data[0].id
         live(client, model, LIVE_CONCURRENCY, 4)  # warm-up, left out
         live_tps = live(client, model, args.lines, args.tokens)
+        time.sleep(get_settings().interactive_active_s)
         batch_tps = batched(client, model, args.lines, args.tokens)
         quiet = ttfts(client, model, args.probes, 10_000)
         running = start_batch(client, model, args.lines, args.tokens)

@@ -11,7 +11,10 @@ of work is decided here, not by arrival:
   both have work, interactive the rest, and neither banks credit while the other is idle; and
   while no interactive work waits, background work leaves the last INTERACTIVE_SLOTS slots free
   (unless the fleet has no more than that), so an interactive request arriving behind a batch
-  finds a slot at once;
+  finds a slot at once; and for INTERACTIVE_ACTIVE_S after an interactive task is released,
+  background work holds at most BACKGROUND_ACTIVE_SHARE of the slots (at least one), so the
+  engines that run the interactive work also run little else: on a CPU every stream decoding
+  beside a new prompt delays its first token;
 - within a class, by stride scheduling over the lanes with work (weighted fair queueing, one
   release costing 1/weight of a lane's pass): the lane with the lowest pass goes next, and a
   lane that comes back after idling starts at the class's current pass, never behind it. A
@@ -24,8 +27,8 @@ at once; a process that dies between a release and its message leaves the task i
 where the next scan sends it again after RESEND_AFTER_MS (a duplicate delivery is never run).
 
 Redis, per task: a member in its lane (ZSET, by arrival) while it waits, then in `released`
-until a worker starts it, and in its tenant's running set until it ends; per tenant and class,
-a lane's pass. The store's scripts (`core.store`) take a task out of these as it starts or ends.
+until a worker starts it, and in its tenant's running set (and, background work, the background
+set) until it ends; per tenant and class, a lane's pass. The store's scripts (`core.store`) take a task out of these as it starts or ends.
 """
 
 import json
@@ -53,6 +56,8 @@ INTERACTIVE = "interactive"
 BACKGROUND = "background"
 CLASSES = (INTERACTIVE, BACKGROUND)
 RELEASED_KEY = "queue:released"  # ZSET task id -> when released (ms, Redis's clock)
+BACKGROUND_KEY = "queue:background"  # SET of background task ids released or running
+INTERACTIVE_AT_KEY = "queue:interactive_at"  # when an interactive task was last released (ms, Redis's clock)
 CLASS_PASSES_KEY = "queue:class_passes"  # HASH class -> pass
 POLICY_KEY = "queue:policy"  # HASH tenant -> "weight max_running", written at each admission
 # A released task whose worker has not started it after this is sent again (its sender died, or
@@ -85,6 +90,7 @@ def running_key(tenant: str) -> str:
 LEAVE_LUA = """
 local function leave_queue(record, released, id)
   redis.call('ZREM', released, id)
+  redis.call('SREM', 'queue:background', id)
   local tenant, class = redis.call('HGET', record, 'lane'), redis.call('HGET', record, 'class')
   if not tenant then return end
   redis.call('SREM', 'queue:running:' .. tenant, id)
@@ -118,18 +124,33 @@ redis.call('PERSIST', KEYS[1])
 return 1
 """
 
-# KEYS: released, leases, class passes, policy. ARGV: capacity (the ready slots), background share, slots
-# kept for interactive work. Releases tasks while fewer than `capacity` are released or running (background
-# ones, while no interactive work waits, only while fewer than `capacity` less the kept slots, at least one);
-# returns {id, request, ...}.
+# KEYS: released, leases, class passes, policy, background, interactive_at. ARGV: capacity (the ready
+# slots), background share, slots kept for interactive work, background's share of the slots while
+# interactive work is active, how long (ms) it stays active after a release. Releases tasks while fewer than
+# `capacity` are released or running (background ones, while no interactive work waits, only while fewer
+# than `capacity` less the kept slots, at least one; and while interactive work is active, only while fewer
+# background ones than its share of the slots, at least one); returns {id, request, ...}.
 _RELEASE_LUA = """
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local share = tonumber(ARGV[2])
+local capacity, share = tonumber(ARGV[1]), tonumber(ARGV[2])
 local class_weight = {interactive = 1 - share, background = share}
 local busy = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
-local background_limit = math.max(1, tonumber(ARGV[1]) - tonumber(ARGV[3]))
+local background_limit = math.max(1, capacity - tonumber(ARGV[3]))
+local active_limit = math.max(1, math.floor(capacity * tonumber(ARGV[4])))
+local interactive_at = tonumber(redis.call('GET', KEYS[6]) or '0')
+local background = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do  -- one whose record is gone ended unseen
+  if redis.call('EXISTS', 'task:' .. id) == 1 then background = background + 1 else redis.call('SREM', KEYS[5], id) end
+end
 local out = {}
+
+-- Whether background work may take a slot now: not the kept ones unless interactive work waits too
+-- (then the shares decide), and no more than its share while interactive work is active.
+local function background_may(interactive_waits)
+  if busy >= background_limit and not interactive_waits then return false end
+  return now_ms - interactive_at >= tonumber(ARGV[5]) or background < active_limit
+end
 
 local function policy(tenant)
   local p = redis.call('HGET', KEYS[4], tenant)
@@ -154,8 +175,7 @@ while busy < tonumber(ARGV[1]) do
   local chosen, lane, pass = nil, nil, nil
   local ready = {}
   for _, class in ipairs({'interactive', 'background'}) do
-    -- background takes the kept slots only when interactive work waits too (then the shares decide)
-    if class == 'interactive' or busy < background_limit or ready.interactive then ready[class] = next_lane(class) end
+    if class == 'interactive' or background_may(ready.interactive) then ready[class] = next_lane(class) end
     local class_pass = tonumber(redis.call('HGET', KEYS[3], class) or '0')
     if ready[class] and (not chosen or class_pass < pass) then chosen, lane, pass = class, ready[class], class_pass end
   end
@@ -175,6 +195,13 @@ while busy < tonumber(ARGV[1]) do
     table.insert(out, id)
     table.insert(out, redis.call('HGET', record, 'request') or '')
     busy = busy + 1
+    if chosen == 'background' then
+      background = background + 1
+      redis.call('SADD', KEYS[5], id)
+    else
+      interactive_at = now_ms
+      redis.call('SET', KEYS[6], now_ms)
+    end
     redis.call('HINCRBYFLOAT', KEYS[3], chosen, 1 / class_weight[chosen])
     redis.call('HSET', 'queue:passes:' .. chosen, '', lane.pass)
     redis.call('ZINCRBY', 'queue:lanes:' .. chosen, 1 / lane.weight, lane.tenant)
@@ -250,6 +277,22 @@ Send = Callable[[str, dict], None]
 
 
 @dataclass(frozen=True)
+class Priority:
+    """How background work gives way to interactive work (see the module's docstring); the defaults keep
+    nothing back beyond the shares."""
+
+    background_share: float  # of the releases, while both classes wait
+    interactive_slots: int = 0  # slots background work leaves free while no interactive work waits
+    active_share: float = 1.0  # of the slots, what background work may hold while interactive work is active
+    active_ms: int = 0  # how long interactive work stays active after one of its tasks is released
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Priority":
+        return cls(settings.background_share, settings.interactive_slots, settings.background_active_share,
+                   round(settings.interactive_active_s * 1000))
+
+
+@dataclass(frozen=True)
 class LaneCounts:
     """A tenant's tasks waiting (both classes) and released or running."""
 
@@ -275,14 +318,16 @@ class Lanes:
         args = [task_id, tenant.name, tenant.weight, tenant.max_running, task_class, json.dumps(request)]
         self._enqueue(keys=keys, args=args)
 
-    def release(self, send: Send, share: float, kept: int = 0) -> int:
-        """Release as many tasks as there are free slots, and send each; returns how many. Background work
-        leaves `kept` slots free (while the fleet has more), so an interactive request finds one at once."""
+    def release(self, send: Send, priority: Priority) -> int:
+        """Release as many tasks as there are free slots, and send each, background work giving way to
+        interactive work as `priority` says; returns how many."""
         capacity = sum(worker.slots for worker in Heartbeats(self.redis).live() if worker.ready)
         if not capacity:
             return 0
-        released = self._release(keys=[RELEASED_KEY, self._leases_key, CLASS_PASSES_KEY, POLICY_KEY],
-                                 args=[capacity, share, kept])
+        keys = [RELEASED_KEY, self._leases_key, CLASS_PASSES_KEY, POLICY_KEY, BACKGROUND_KEY, INTERACTIVE_AT_KEY]
+        args = [capacity, priority.background_share, priority.interactive_slots, priority.active_share,
+                priority.active_ms]
+        released = self._release(keys=keys, args=args)
         return _send_all(released, send)
 
     def resend_overdue(self, send: Send) -> int:

@@ -177,6 +177,13 @@ class Settings(BaseSettings):
     background_share: float = Field(
         0.1, gt=0, lt=1, description="Share of free slots that background work gets while interactive work waits."
     )
+    background_active_share: float = Field(
+        0.25, gt=0, le=1, description="Share of the slots background work may hold (at least one) while interactive "
+        "work is active: for INTERACTIVE_ACTIVE_S after an interactive request starts. 1 lets it hold all.",
+    )
+    interactive_active_s: float = Field(
+        30.0, ge=0, description="How long interactive work counts as active after an interactive request starts.",
+    )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies answer 413.")
     file_max_bytes: int = Field(33_554_432, ge=1024, description="Largest file one upload may hold; larger answer 413.")
     webhook_url: str = Field("", description="Where events (responses and batches ending) are sent; empty sends none.")

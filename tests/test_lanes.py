@@ -2,6 +2,7 @@
 and where a waiting task stands. Workers are stood in for by a heartbeat (their slots) and by the
 store's own start and finish, which is all the lanes see of them."""
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -11,13 +12,15 @@ import redis
 
 from core.heartbeats import Heartbeats
 from core.protocol import TaskStatus
-from core.queue import BACKGROUND, INTERACTIVE, RELEASED_KEY, Lanes
+from core.queue import BACKGROUND, INTERACTIVE, RELEASED_KEY, Lanes, Priority
 from core.store import LEASES_KEY, TaskStore
 from core.tenants import Tenant
 
 pytestmark = pytest.mark.fast
 
 SHARE = 0.1
+SHARES = Priority(SHARE)  # the shares alone: no slot kept, no yielding to active interactive work
+KEPT = Priority(SHARE, interactive_slots=1)
 
 
 def named(name: str, weight: float = 1.0, max_running: int = 0) -> Tenant:
@@ -67,7 +70,7 @@ def run_one_at_a_time(store: TaskStore, lanes: Lanes, rounds: int) -> list[str]:
         order.append(task_id)
 
     for _ in range(rounds):
-        assert lanes.release(send, SHARE) == 1
+        assert lanes.release(send, SHARES) == 1
         started = store.start(order[-1], "w", "{}")
         assert started.attempt == 1
         store.fail(order[-1], "done", started.attempt)
@@ -121,7 +124,7 @@ def test_a_key_at_its_running_cap_waits_and_frees_its_slots_to_others(
     first, _ = queue(store, lanes, capped, 2)
     others = queue(store, lanes, named("b"), 5)
     sent: list[str] = []
-    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE) == 4
+    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARES) == 4
     assert sent.count(first) == 1 and set(sent) - {first} <= set(others)
     assert lanes.counts("a").running == 1 and lanes.counts("a").waiting == 1
     started = store.start(first, "w", "{}")
@@ -136,7 +139,7 @@ def test_a_cancelled_task_leaves_its_lane_and_a_lost_release_is_sent_again(
     assert store.request_cancel(cancelled) == TaskStatus.queued
     assert lanes.counts("a").waiting == 1 and lanes.place(kept, SHARE) == 0
     slots(client, 1)
-    assert lanes.release(lambda *_: None, SHARE) == 1  # a sender that died: the message never went
+    assert lanes.release(lambda *_: None, SHARES) == 1  # a sender that died: the message never went
     client.zadd(RELEASED_KEY, {kept: 0})  # as if RESEND_AFTER_MS had passed
     sent: list[str] = []
     assert lanes.resend_overdue(lambda task_id, _: sent.append(task_id)) == 1 and sent == [kept]
@@ -148,14 +151,14 @@ def test_background_work_leaves_the_kept_slots_to_interactive_requests(store: Ta
     slots(client, 4)
     batch = queue(store, lanes, named("a"), 10, BACKGROUND)
     sent: list[str] = []
-    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 3  # one slot kept
+    assert lanes.release(lambda task_id, _: sent.append(task_id), KEPT) == 3  # one slot kept
     assert set(sent) <= set(batch)
     asked = queue(store, lanes, named("b"), 2)
-    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 1
+    assert lanes.release(lambda task_id, _: sent.append(task_id), KEPT) == 1
     assert sent[-1] in asked  # the kept slot, at once
     for task_id in sent:  # all four end: the waiting interactive task first, then the batch, a slot kept
         store.fail(task_id, "done", store.start(task_id, "w", "{}").attempt)
-    assert lanes.release(lambda task_id, _: sent.append(task_id), SHARE, 1) == 3
+    assert lanes.release(lambda task_id, _: sent.append(task_id), KEPT) == 3
     assert sent[-3] == asked[1] and set(sent[-2:]) <= set(batch)
 
 
@@ -163,4 +166,35 @@ def test_a_fleet_of_no_more_slots_than_kept_still_runs_background_work(store: Ta
                                                                        client: redis.Redis) -> None:
     slots(client, 1)
     queue(store, lanes, named("a"), 2, BACKGROUND)
-    assert lanes.release(lambda *_: None, SHARE, 1) == 1
+    assert lanes.release(lambda *_: None, KEPT) == 1
+
+
+def test_background_work_holds_its_share_of_the_slots_while_interactive_work_is_active(
+    store: TaskStore, lanes: Lanes, client: redis.Redis
+) -> None:
+    slots(client, 8)
+    yielding = Priority(SHARE, interactive_slots=1, active_share=0.25, active_ms=300)
+    batch = queue(store, lanes, named("a"), 30, BACKGROUND)
+    sent: list[str] = []
+
+    def release() -> int:
+        return lanes.release(lambda task_id, _: sent.append(task_id), yielding)
+
+    def end(task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            store.fail(task_id, "done", store.start(task_id, "w", "{}").attempt)
+
+    assert release() == 7  # no interactive work yet: all but the kept slot
+    asked = queue(store, lanes, named("b"), 1)
+    assert release() == 1 and sent[-1] == asked[0]
+    end(sent)
+    assert release() == 2, "interactive work is active: a quarter of the slots"
+    end(sent[-1:])
+    assert release() == 1 and set(sent[-3:]) <= set(batch)
+    gone = sent[-1]
+    client.delete(f"task:{gone}")  # a record gone without its task ending no longer holds a slot
+    assert release() == 1
+    client.zadd(RELEASED_KEY, {gone: 0})  # and the overdue scan drops it from `released`
+    assert lanes.resend_overdue(lambda *_: None) == 0
+    time.sleep(0.35)
+    assert release() == 5, "the interactive work went quiet: all but the kept slot again"

@@ -10,7 +10,7 @@ same task twice.
 import logging
 import threading
 
-from core.queue import Lanes, Send
+from core.queue import Lanes, Priority, Send
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,10 @@ SCAN_S = 1.0
 class Releases:
     """Releases on a daemon thread until `stop`; `nudge` releases at once."""
 
-    def __init__(self, lanes: Lanes, send: Send, background_share: float, interactive_slots: int) -> None:
+    def __init__(self, lanes: Lanes, send: Send, priority: Priority) -> None:
         self._lanes = lanes
         self._send = send
-        self._share = background_share
-        self._kept = interactive_slots
+        self._priority = priority
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="releases", daemon=True)
@@ -47,7 +46,7 @@ class Releases:
             if self._stopping.is_set():
                 return
             try:
-                self._lanes.release(self._send, self._share, self._kept)
+                self._lanes.release(self._send, self._priority)
                 self._lanes.resend_overdue(self._send)
             except Exception:  # Redis away: the next tick tries again
                 log.debug("no release this tick", exc_info=True)

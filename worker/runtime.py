@@ -14,7 +14,7 @@ import redis
 from core.protocol import HANDED_BACK, SUPERSEDED, GenerateRequest, GenerationResult, MemoryStats, Timings, Usage
 from core.redis_client import TRANSIENT_ERRORS, connect
 from core.settings import Settings
-from core.queue import Lanes
+from core.queue import Lanes, Priority
 from core.queue import Send as SendNew
 from core.store import LEASES_KEY, Published, Started, TaskStore
 from model_loader.contract import Engine, EngineBroken, EngineRestarted, Outcome, Resume
@@ -71,9 +71,7 @@ class WorkerRuntime:
             store=store,
             leases=Leases(store, settings.lease_renew_s, send, settings.generation_stall_s),
             cancels=CancelListener(store.redis),
-            releases=Releases(
-                Lanes(store.redis, LEASES_KEY), send_new, settings.background_share, settings.interactive_slots
-            ),
+            releases=Releases(Lanes(store.redis, LEASES_KEY), send_new, Priority.of(settings)),
         )
 
     def run(self, task_id: str, request: GenerateRequest, payload: str, worker: str) -> None:
