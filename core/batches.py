@@ -2,8 +2,10 @@
 
 Per batch: a hash `batch:{id}` (its object: endpoint, input file, status and its timestamps,
 counts, output and error files, errors, metadata, owner), a list `batch:{id}:lines` of the
-validated lines (custom_id and body, as JSON), and a hash `batch:{id}:tasks` from a line's index
-to its task ids. Per owner, a sorted set `batches:index:{owner}` of ids in creation order. The set
+validated lines (custom_id and body, as JSON), a hash `batch:{id}:tasks` from a line's index to
+its task ids (lines are submitted in order; the record's `submitted` says how far), and a set
+`batch:{id}:open` of the submitted lines not yet counted as ended, so a pass reads only those, however long
+the file. Per owner, a sorted set `batches:index:{owner}` of ids in creation order. The set
 `batches:active` holds the batches someone must still advance (app.openai.batches.driver).
 
 Every change of status is one script that checks the status it changes from, so two API processes
@@ -53,6 +55,25 @@ redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
 """
 
+# KEYS: record, tasks, open lines. ARGV: line index, its task ids (or its refusal), '1' when refused. Notes a
+# line once: a refusal counts as failed at once, a submitted line joins the open ones.
+_SUBMITTED_LUA = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'failed', 1) else redis.call('SADD', KEYS[3], ARGV[1]) end
+end
+local after = tonumber(ARGV[1]) + 1
+if tonumber(redis.call('HGET', KEYS[1], 'submitted') or '0') < after then redis.call('HSET', KEYS[1], 'submitted', after) end
+"""
+
+# KEYS: record, open lines. ARGV: the count they end as (completed or failed), then line indices. Counts each
+# line once, however many passes see it end.
+_CLOSE_LUA = """
+local ended = 0
+for i = 2, #ARGV do ended = ended + redis.call('SREM', KEYS[2], ARGV[i]) end
+if ended > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], ended) end
+return ended
+"""
+
 
 @dataclass
 class Batch:
@@ -67,6 +88,7 @@ class Batch:
     metadata: dict[str, str] = field(default_factory=dict)
     stamps: dict[str, int] = field(default_factory=dict)  # in_progress_at, ... as they happen
     total: int = 0
+    submitted: int = 0  # lines 0 to submitted - 1 are tasks (or refused)
     completed: int = 0
     failed: int = 0
     output_file_id: str | None = None
@@ -80,6 +102,8 @@ class BatchStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._move = client.register_script(_MOVE_LUA)
+        self._submitted = client.register_script(_SUBMITTED_LUA)
+        self._close = client.register_script(_CLOSE_LUA)
 
     def create(self, owner: str | None, endpoint: str, input_file_id: str, window_s: int, window: str,
                metadata: dict[str, str], webhook: tuple[str, str] | None) -> Batch:
@@ -136,8 +160,6 @@ class BatchStore:
         """The status the batch will end in, once what runs has ended (expired: its window has passed)."""
         self._redis.hset(_record_key(batch.id), "ending", ending)
 
-    def set_counts(self, batch: Batch, completed: int, failed: int) -> None:
-        self._redis.hset(_record_key(batch.id), mapping={"completed": completed, "failed": failed})
 
     def add_lines(self, batch: Batch, lines: list[dict[str, object]]) -> None:
         """The validated lines, once (a second call, after a restart mid-way, starts them afresh)."""
@@ -158,12 +180,26 @@ class BatchStore:
         """Each submitted line's task ids, by line index."""
         return {int(k): text(v).split(",") for k, v in self._redis.hgetall(_tasks_key(batch.id)).items()}
 
-    def note_tasks(self, batch: Batch, index: int, task_ids: list[str]) -> None:
-        self._redis.hset(_tasks_key(batch.id), str(index), ",".join(task_ids))
+    def open_lines(self, batch: Batch) -> dict[int, list[str]]:
+        """The task ids of each line submitted and not yet counted as ended."""
+        indices = sorted(int(i) for i in self._redis.smembers(_open_key(batch.id)))
+        found = self._redis.hmget(_tasks_key(batch.id), [str(i) for i in indices]) if indices else []
+        return {index: text(ids).split(",") for index, ids in zip(indices, found) if ids is not None}
+
+    def note_tasks(self, batch: Batch, index: int, task_ids: list[str], refused: bool = False) -> None:
+        """Line `index` became these tasks (or, `refused`, its one entry says why not)."""
+        self._submitted(keys=[_record_key(batch.id), _tasks_key(batch.id), _open_key(batch.id)],
+                        args=[index, ",".join(task_ids), "1" if refused else "0"])
+
+    def close_lines(self, batch: Batch, completed: list[int], failed: list[int]) -> None:
+        """Count these open lines as ended, each once."""
+        for count, indices in (("completed", completed), ("failed", failed)):
+            if indices:
+                self._close(keys=[_record_key(batch.id), _open_key(batch.id)], args=[count, *indices])
 
     def forget_lines(self, batch: Batch) -> None:
         """Once it has ended, the lines and their task ids are in its files."""
-        self._redis.delete(_lines_key(batch.id), _tasks_key(batch.id))
+        self._redis.delete(_lines_key(batch.id), _tasks_key(batch.id), _open_key(batch.id))
 
 
 def line_task_ids(batch_id: str, index: int, choices: int) -> list[str]:
@@ -184,6 +220,10 @@ def _tasks_key(batch_id: str) -> str:
     return f"batch:{batch_id}:tasks"
 
 
+def _open_key(batch_id: str) -> str:
+    return f"batch:{batch_id}:open"
+
+
 def _index_key(owner: str) -> str:
     return f"batches:index:{owner}"
 
@@ -197,7 +237,7 @@ def _fields(batch: Batch) -> dict[str, str]:
         "id": batch.id, "owner": batch.owner, "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
         "completion_window": batch.completion_window, "status": batch.status, "created_at": batch.created_at,
         "expires_at": batch.expires_at, "metadata": batch.metadata, "total": batch.total,
-        "completed": batch.completed, "failed": batch.failed,
+        "submitted": batch.submitted, "completed": batch.completed, "failed": batch.failed,
     }
     if batch.webhook is not None:
         fields["webhook"] = list(batch.webhook)
@@ -211,7 +251,8 @@ def _batch(fields: dict[str, str]) -> Batch:
         created_at=int(fields["created_at"]), expires_at=int(fields["expires_at"]),
         metadata=json.loads(fields.get("metadata", "{}")),
         stamps={stamp: int(fields[stamp]) for stamp in STAMPS.values() if stamp in fields},
-        total=int(fields.get("total", 0)), completed=int(fields.get("completed", 0)),
+        total=int(fields.get("total", 0)), submitted=int(fields.get("submitted", 0)),
+        completed=int(fields.get("completed", 0)),
         failed=int(fields.get("failed", 0)), output_file_id=fields.get("output_file_id"),
         error_file_id=fields.get("error_file_id"), errors=json.loads(fields.get("errors", "[]")),
         ending=fields.get("ending"),

@@ -10,8 +10,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.batches import BatchStore
 from devstack.processes import Stack
 from tests.extra_api import extra_api
 
@@ -233,3 +235,23 @@ def test_run_client_runs_a_batch_file_and_writes_its_output_beside_it(api_url: s
     written = [json.loads(line) for line in (tmp_path / "requests.output.jsonl").read_text().splitlines()]
     assert sorted(entry["custom_id"] for entry in written) == [f"line-{i}" for i in range(4)]
     assert "completed" in done.stderr and not (tmp_path / "requests.errors.jsonl").exists()
+
+
+@pytest.mark.fast
+def test_each_line_is_counted_once_however_many_passes_see_it(private_redis: str) -> None:
+    """Two API processes may advance one batch (a lock that lapsed): they note and count the same lines, and
+    a line still counts once. A pass reads only the open lines."""
+    client = redis.Redis.from_url(private_redis)
+    store = BatchStore(client)
+    batch = store.create(None, "/v1/chat/completions", "file-x", 60, "24h", {}, None)
+    for _ in range(2):
+        store.note_tasks(batch, 0, ["a"])
+        store.note_tasks(batch, 1, ["b", "c"])
+        store.note_tasks(batch, 2, ["!refused"], refused=True)
+    assert store.open_lines(batch) == {0: ["a"], 1: ["b", "c"]}
+    for _ in range(2):
+        store.close_lines(batch, completed=[0], failed=[])
+    store.note_tasks(batch, 0, ["a"])  # a late note of a counted line does not open it again
+    again = store.get(batch.id)
+    assert again is not None and (again.submitted, again.completed, again.failed) == (3, 1, 1)
+    assert store.open_lines(batch) == {1: ["b", "c"]}

@@ -88,16 +88,18 @@ class BatchDriver:
         self.batches.move(batch, ("validating",), "in_progress", total=len(lines))
 
     def _run(self, batch: Batch) -> None:
-        """Count what ended, stop or feed lines, and go to finalizing once nothing is left to wait for."""
+        """Count the open lines that ended, stop or feed lines, and go to finalizing once nothing is left to
+        wait for. A pass reads the open lines only (at most BATCH_MAX_IN_FLIGHT), however long the file."""
         ending = batch.ending or ("cancelled" if batch.status == "cancelling" else None)
         if ending is None and time.time() >= batch.expires_at:
             ending = "expired"
             self.batches.note_ending(batch, ending)
-        tasks = self.batches.tasks(batch)
+        tasks = self.batches.open_lines(batch)
         statuses = self._statuses(tasks)
-        unfinished = [i for i, line in statuses.items() if not all(s is None or s.finished for s in line)]
-        completed = sum(1 for line in statuses.values() if all(s == TaskStatus.succeeded for s in line))
-        self.batches.set_counts(batch, completed, len(tasks) - len(unfinished) - completed)
+        ended = [i for i, line in statuses.items() if all(s is None or s.finished for s in line)]
+        completed = [i for i in ended if all(s == TaskStatus.succeeded for s in statuses[i])]
+        self.batches.close_lines(batch, completed, [i for i in ended if i not in completed])
+        unfinished = [i for i in tasks if i not in ended]
         if ending is not None:
             for index in unfinished:  # those queued; the running ones end as they would
                 for task_id, status in zip(tasks[index], statuses[index]):
@@ -106,17 +108,13 @@ class BatchDriver:
             if not unfinished:
                 self.batches.move(batch, ("in_progress", "cancelling"), "finalizing", ending=ending)
             return
-        if len(tasks) == batch.total and not unfinished:
+        if batch.submitted >= batch.total and not unfinished:
             self.batches.move(batch, ("in_progress",), "finalizing", ending="completed")
             return
         room = self.services.settings.batch_max_in_flight - len(unfinished)
-        for index in range(batch.total):
-            if room <= 0:
-                break
-            if index not in tasks:
-                if not self._submit(batch, index):
-                    break  # the key's queue is full, or it is over a rate: the next pass goes on
-                room -= 1
+        for index in range(batch.submitted, min(batch.total, batch.submitted + max(room, 0))):
+            if not self._submit(batch, index):
+                break  # the key's queue is full, or it is over a rate: the next pass goes on
 
     def _submit(self, batch: Batch, index: int) -> bool:
         """Queue the line's tasks (those not queued already); False when admission says wait."""
@@ -135,18 +133,18 @@ class BatchDriver:
             if not is_refusal(exc):
                 raise
             status, body = refusal(door, exc)
-            self.batches.note_tasks(batch, index, [REFUSED_PREFIX + json.dumps({"status": status, "body": body})])
+            self.batches.note_tasks(batch, index, [REFUSED_PREFIX + json.dumps({"status": status, "body": body})],
+                                    refused=True)
             return True
         self.batches.note_tasks(batch, index, ids)
         return True
 
     def _statuses(self, tasks: dict[int, list[str]]) -> dict[int, list[TaskStatus | None]]:
-        """Each submitted line's task statuses, read in one round trip (a refused line has none)."""
-        submitted = {index: ids for index, ids in tasks.items() if not _refused(ids)}
-        flat = self.services.store.statuses([task_id for ids in submitted.values() for task_id in ids])
-        found: dict[int, list[TaskStatus | None]] = {index: [] for index in tasks}
+        """Each line's task statuses, read in one round trip."""
+        flat = self.services.store.statuses([task_id for ids in tasks.values() for task_id in ids])
+        found: dict[int, list[TaskStatus | None]] = {}
         cursor = 0
-        for index, ids in submitted.items():
+        for index, ids in tasks.items():
             found[index] = flat[cursor : cursor + len(ids)]
             cursor += len(ids)
         return found
