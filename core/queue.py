@@ -28,7 +28,8 @@ where the next scan sends it again after RESEND_AFTER_MS (a duplicate delivery i
 
 Redis, per task: a member in its lane (ZSET, by arrival) while it waits, then in `released`
 until a worker starts it, and in its tenant's running set (and, background work, the background
-set) until it ends; per tenant and class, a lane's pass. The store's scripts (`core.store`) take a task out of these as it starts or ends.
+set) until it ends; per tenant and class, a lane's pass. The store's scripts (`core.store`) take
+a task out of these as it starts or ends.
 """
 
 import json
