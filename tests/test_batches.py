@@ -13,6 +13,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.background import renewed
 from core.batches import BatchStore
 from devstack.processes import Stack
 from tests.extra_api import extra_api
@@ -255,3 +256,17 @@ def test_each_line_is_counted_once_however_many_passes_see_it(private_redis: str
     again = store.get(batch.id)
     assert again is not None and (again.submitted, again.completed, again.failed) == (3, 1, 1)
     assert store.open_lines(batch) == {1: ["b", "c"]}
+
+
+@pytest.mark.fast
+def test_a_pass_keeps_its_batch_lock_however_long_its_step_takes(private_redis: str) -> None:
+    """A file of many lines outlasts the lock's timeout: the lock is renewed while the step runs, so no other
+    API process takes the batch meanwhile, and it lapses once nobody renews it."""
+    client = redis.Redis.from_url(private_redis)
+    lock = client.lock("batch:test:lock", timeout=0.3, blocking=False, thread_local=False)
+    assert lock.acquire()
+    with renewed(lock):
+        time.sleep(1.0)  # three timeouts
+        assert lock.owned() and not client.lock("batch:test:lock", timeout=1, blocking=False).acquire()
+    time.sleep(0.5)
+    assert not lock.owned(), "nobody renews it once the step is over: it lapses"

@@ -1,8 +1,9 @@
 """Advances every batch that has not ended, from any API process: validate, feed, finish, write the files.
 
-Each API process runs one driver. A pass takes each active batch under a short lock in Redis (so
-one process advances a batch at a time; a process that dies lets its lock lapse, and another goes
-on) and does the next step that its record says is due:
+Each API process runs one driver. A pass takes each active batch under a lock in Redis, renewed
+while it works however long the step takes (so one process advances a batch at a time; a process
+that dies stops renewing, its lock lapses within LOCK_S, and another goes on) and does the next
+step that its record says is due:
 
 - validating: every line is checked as its live route checks a request (JSON, a unique custom_id,
   POST, the url the batch names, the body). Any bad line fails the batch, its errors naming lines.
@@ -22,10 +23,11 @@ import uuid
 from typing import Any
 
 from fastapi import HTTPException
+from redis.exceptions import LockNotOwnedError
 
 from app import webhooks
 from app.admission import admit
-from app.background import every
+from app.background import every, renewed
 from app.deps import Services
 from app.openai.batches.doors import DOORS, Door, is_refusal, refusal
 from app.openai.batches.protocol import LineError, OutputLine
@@ -36,7 +38,7 @@ from core.protocol import TaskStatus
 from model_loader.source import model_name
 
 PASS_S = 0.5
-LOCK_MS = 30_000
+LOCK_S = 30  # renewed while a pass works on the batch
 MAX_ERRORS = 100  # a bad file's errors listed, at most
 UNLIMITED = 2**62  # what the server writes is not held to the key's budget
 REFUSED_PREFIX = "!"  # a line refused at submission: its status and error body follow
@@ -54,17 +56,20 @@ class BatchDriver:
 
     def pass_once(self) -> None:
         for batch_id in self.batches.active():
-            token = uuid.uuid4().hex
-            lock = f"batch:{batch_id}:lock"
-            if not self.services.redis.set(lock, token, nx=True, px=LOCK_MS):
+            lock = self.services.redis.lock(f"batch:{batch_id}:lock", timeout=LOCK_S, blocking=False,
+                                            thread_local=False)  # renewed from another thread
+            if not lock.acquire():
                 continue
             try:
-                batch = self.batches.get(batch_id, None)
-                if batch is not None:
-                    self.advance(batch)
+                with renewed(lock):
+                    batch = self.batches.get(batch_id, None)
+                    if batch is not None:
+                        self.advance(batch)
             finally:
-                if self.services.redis.get(lock) == token.encode():
-                    self.services.redis.delete(lock)
+                try:
+                    lock.release()
+                except LockNotOwnedError:  # it lapsed meanwhile; whoever holds it now keeps it
+                    pass
 
     def advance(self, batch: Batch) -> None:
         if batch.status == "validating":
