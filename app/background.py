@@ -1,4 +1,5 @@
-"""Work every API process does in the background, beside the requests: a step repeated on a thread."""
+"""Work every API process does in the background, beside the requests: a step repeated on a thread, and
+a lock in Redis kept while a long step runs."""
 
 import logging
 import threading
