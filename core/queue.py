@@ -140,17 +140,23 @@ local busy = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 local background_limit = math.max(1, capacity - tonumber(ARGV[3]))
 local active_limit = math.max(1, math.floor(capacity * tonumber(ARGV[4])))
 local interactive_at = tonumber(redis.call('GET', KEYS[6]) or '0')
-local background = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do  -- one whose record is gone ended unseen
-  if redis.call('EXISTS', 'task:' .. id) == 1 then background = background + 1 else redis.call('SREM', KEYS[5], id) end
-end
+local background = nil  -- background tasks in flight, counted only once interactive work is active
 local out = {}
+
+local function count_background()
+  background = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do  -- one whose record is gone ended unseen
+    if redis.call('EXISTS', 'task:' .. id) == 1 then background = background + 1 else redis.call('SREM', KEYS[5], id) end
+  end
+end
 
 -- Whether background work may take a slot now: not the kept ones unless interactive work waits too
 -- (then the shares decide), and no more than its share while interactive work is active.
 local function background_may(interactive_waits)
   if busy >= background_limit and not interactive_waits then return false end
-  return now_ms - interactive_at >= tonumber(ARGV[5]) or background < active_limit
+  if now_ms - interactive_at >= tonumber(ARGV[5]) then return true end
+  if not background then count_background() end
+  return background < active_limit
 end
 
 local function policy(tenant)
@@ -172,7 +178,7 @@ local function next_lane(class)
   return nil
 end
 
-while busy < tonumber(ARGV[1]) do
+while busy < capacity do
   local chosen, lane, pass = nil, nil, nil
   local ready = {}
   for _, class in ipairs({'interactive', 'background'}) do
@@ -197,7 +203,7 @@ while busy < tonumber(ARGV[1]) do
     table.insert(out, redis.call('HGET', record, 'request') or '')
     busy = busy + 1
     if chosen == 'background' then
-      background = background + 1
+      if background then background = background + 1 end
       redis.call('SADD', KEYS[5], id)
     else
       interactive_at = now_ms

@@ -52,7 +52,9 @@ async def retrieve_batch(batch_id: str, services: ServicesDep, caller: CallerTag
 async def cancel_batch(batch_id: str, services: ServicesDep, caller: CallerTag) -> BatchObject:
     """Queued lines are cancelled, running ones end, what finished is kept; the batch ends as cancelled."""
     batch = await _visible(batch_id, services, caller)
-    if not await run_in_threadpool(services.batches.move, batch, ("validating", "in_progress"), "cancelling", ending="cancelled"):
+    cancelling = await run_in_threadpool(services.batches.move, batch, ("validating", "in_progress"), "cancelling",
+                                         ending="cancelled")
+    if not cancelling:
         current = await _visible(batch_id, services, caller)
         if current.status not in ("cancelling", "cancelled"):
             raise Refusal(409, f"the batch is {current.status}: it can no longer be cancelled", param="batch_id")
