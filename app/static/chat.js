@@ -17,6 +17,7 @@
   const TASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
   const RETRY_FIRST_MS = 500;
   const RETRY_MAX_MS = 8000;
+  const ENDED = ["succeeded", "failed", "cancelled"]; // a task's final statuses
   const FIELD_NAMES = {
     prompt: "The message",
     messages: "The conversation",
@@ -596,7 +597,9 @@
     }
     if (response.status === 202 || response.status === 409) {
       // The stream brings the result: the text so far, ended `cancelled` (or finished meanwhile).
-      if (answer && response.status === 202) {
+      // It may have come before this answer did: then the answer already says how it ended.
+      const ended = answer && ENDED.includes(answer.status);
+      if (answer && response.status === 202 && !ended) {
         answer.note = "Stopping…";
         renderTurn(answer);
       }
@@ -637,7 +640,7 @@
       }
       const view = await response.json();
       answer.content = view.text || "";
-      if (["succeeded", "failed", "cancelled"].includes(view.status)) return finish(answer, view);
+      if (ENDED.includes(view.status)) return finish(answer, view);
       const run = { task_id: saved.task_id, cursor: view.cursor || START_CURSOR };
       state.running = run;
       answer.status = view.status;
