@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         0.1, gt=0, lt=1, description="Share of free slots that background work gets while interactive work waits."
     )
     background_active_share: float = Field(
-        0.25, gt=0, le=1, description="Share of the slots background work may hold (at least one) while interactive "
+        0.125, gt=0, le=1, description="Share of the slots background work may hold (at least one) while interactive "
         "work is active: for INTERACTIVE_ACTIVE_S after an interactive request starts. 1 lets it hold all.",
     )
     interactive_active_s: float = Field(
