@@ -96,7 +96,8 @@ def ttfts(client: openai.OpenAI, model: str, probes: int, first: int) -> list[fl
     return seen
 
 
-def ttft_rounds(client: openai.OpenAI, model: str, file_id: str, rounds: int, probes: int) -> tuple[list, list]:
+def ttft_rounds(client: openai.OpenAI, model: str, file_id: str, rounds: int,
+                probes: int) -> tuple[list[float], list[float]]:
     """TTFTs without a batch and beside one, `probes` of each per round; each round's batch is
     cancelled, and its running lines have ended, before the next round's quiet probes."""
     quiet: list[float] = []

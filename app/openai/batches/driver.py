@@ -101,9 +101,9 @@ class BatchDriver:
             self.batches.note_ending(batch, ending)
         tasks = self.batches.open_lines(batch)
         statuses = self._statuses(tasks)
-        ended = [i for i, line in statuses.items() if all(s is None or s.finished for s in line)]
-        completed = [i for i in ended if all(s == TaskStatus.succeeded for s in statuses[i])]
-        self.batches.close_lines(batch, completed, [i for i in ended if i not in completed])
+        ended = {i for i, line in statuses.items() if all(s is None or s.finished for s in line)}
+        completed = {i for i in ended if all(s == TaskStatus.succeeded for s in statuses[i])}
+        self.batches.close_lines(batch, sorted(completed), sorted(ended - completed))
         unfinished = [i for i in tasks if i not in ended]
         if ending is not None:
             for index in unfinished:  # those queued; the running ones end as they would
