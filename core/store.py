@@ -128,6 +128,15 @@ if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then return 'cancelle
 return false
 """
 
+# KEYS: record. ARGV: attempt, prompt tokens. Notes the prompt's length only while that attempt
+# holds the task: a plain HSET after the task was deleted (DELETE /v1/responses/{id} mid-answer)
+# would bring back a record with no status.
+_NOTE_PROMPT_LUA = """
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[2])
+return 1
+"""
+
 # KEYS: leases, then each held task's record. ARGV: lease ms, then task id and attempt per record.
 # Extends each lease its attempt still holds; returns the ids of those it no longer holds.
 _RENEW_LUA = _NOW_MS + """
@@ -247,6 +256,7 @@ class TaskStore:
         self._start_script = client.register_script(_START_LUA)
         self._transition_script = client.register_script(_TRANSITION_LUA)
         self._append_script = client.register_script(APPEND_LUA)
+        self._note_prompt_script = client.register_script(_NOTE_PROMPT_LUA)
         self._renew_script = client.register_script(_RENEW_LUA)
         self._release_script = client.register_script(_RELEASE_LUA)
         self._sent_on_script = client.register_script(_SENT_ON_LUA)
@@ -303,9 +313,9 @@ class TaskStore:
         value = self.redis.hget(record_key(task_id), "enqueued_at")
         return float(value) if value is not None else None
 
-    def note_prompt(self, task_id: str, prompt_tokens: int) -> None:
+    def note_prompt(self, task_id: str, attempt: int, prompt_tokens: int) -> None:
         """How long the prompt is, known once a worker builds it: for timings read mid-answer."""
-        self.redis.hset(record_key(task_id), "prompt_tokens", prompt_tokens)
+        self._eval(self._note_prompt_script, [record_key(task_id)], [attempt, prompt_tokens])
 
     def prompt_started(self, task_id: str) -> tuple[int, float] | None:
         """The prompt's tokens and when the task first started (worker clock), once both are known."""

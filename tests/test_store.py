@@ -98,6 +98,19 @@ def test_an_append_sent_again_after_its_reply_was_lost_is_written_once(store: Ta
     assert (published.text, published.token_ids) == ("Once upon a", [0, 1, 2])
 
 
+def test_a_task_deleted_mid_answer_stays_gone_whatever_its_worker_writes(store: TaskStore) -> None:
+    """DELETE /v1/responses/{id} removes a running task; its worker, not yet stopped, must not bring
+    back a record that has no status (every read of it would fail)."""
+    task_id = new_task(store)
+    attempt = store.start(task_id, "a", "{}").attempt
+    store.delete(task_id)
+    store.note_prompt(task_id, attempt, 12)
+    assert store.append_chunk(task_id, attempt, 0, "Once", [0]) == "superseded"
+    assert store.renew({task_id: attempt}) == [task_id]
+    store.fail(task_id, "no", attempt)
+    assert store.view(task_id) is None and store.status(task_id) is None
+
+
 def test_a_clean_hand_back_does_not_count_as_an_attempt(store: TaskStore) -> None:
     task_id = new_task(store)
     first = store.start(task_id, "a", "{}")

@@ -158,7 +158,7 @@ class WorkerRuntime:
         prompt = build_prompt(
             self.formatter, request, self.settings.default_system_prompt, self.context_window - params.max_new_tokens
         )
-        self.store.note_prompt(task_id, len(prompt.input_ids))
+        self.store.note_prompt(task_id, started.attempt, len(prompt.input_ids))
         deadline = time.monotonic() + self.settings.task_time_limit_s - (time.time() - started.first_started_at)
         cancelled = self.cancels.watch(task_id)
         interruptions = Interruptions(self.store, task_id, started.attempt, deadline, self.stopping, cancelled,
