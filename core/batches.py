@@ -160,7 +160,6 @@ class BatchStore:
         """The status the batch will end in, once what runs has ended (expired: its window has passed)."""
         self._redis.hset(_record_key(batch.id), "ending", ending)
 
-
     def add_lines(self, batch: Batch, lines: list[dict[str, object]]) -> None:
         """The validated lines, once (a second call, after a restart mid-way, starts them afresh)."""
         key = _lines_key(batch.id)

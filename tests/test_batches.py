@@ -263,10 +263,10 @@ def test_a_pass_keeps_its_batch_lock_however_long_its_step_takes(private_redis: 
     """A file of many lines outlasts the lock's timeout: the lock is renewed while the step runs, so no other
     API process takes the batch meanwhile, and it lapses once nobody renews it."""
     client = redis.Redis.from_url(private_redis)
-    lock = client.lock("batch:test:lock", timeout=0.3, blocking=False, thread_local=False)
+    lock = client.lock("batch:test:lock", timeout=0.6, blocking=False, thread_local=False)
     assert lock.acquire()
     with renewed(lock):
-        time.sleep(1.0)  # three timeouts
+        time.sleep(1.8)  # three timeouts
         assert lock.owned() and not client.lock("batch:test:lock", timeout=1, blocking=False).acquire()
-    time.sleep(0.5)
+    time.sleep(1.0)
     assert not lock.owned(), "nobody renews it once the step is over: it lapses"
